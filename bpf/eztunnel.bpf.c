@@ -1,0 +1,522 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * eztunnel: pair local TCP sockets and move bytes socket-to-socket.
+ *
+ * sockops registers connect() sockets when they become established and pairs
+ * accept() sockets with them (design.md section 2); sk_msg redirects each
+ * message of a paired socket into its peer's receive queue. A socket is
+ * redirected from its first byte or never (UNPAIRED -> PAIRED -> TAINTED, or
+ * UNPAIRED -> TAINTED, only by compare-and-swap), so bytes never reorder.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
+#include "eztunnel.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define SK_PASS 1
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* ---- maps ------------------------------------------------------------ */
+
+/* Paired sockets, keyed by their own socket cookie. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, EZ_MAX_SOCKETS);
+	__type(key, __u64);
+	__type(value, __u64);
+} ez_socks SEC(".maps");
+
+/* Pairing state per socket cookie (a hash: the peer's sockops flips it). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, EZ_MAX_SOCKETS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct ez_sock_info);
+} ez_sockinfo SEC(".maps");
+
+/* Each socket's own cookie, for sk_msg (which may not ask for it). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u64);
+} ez_skcookie SEC(".maps");
+
+/* Published by active sockets, looked up by passive ones. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, EZ_MAX_INDEX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ez_index_key);
+	__type(value, struct ez_index_value);
+} ez_index SEC(".maps");
+
+/* Enrolled endpoints (in-mesh pods on this node), filled by user space. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, EZ_MAX_ENDPOINTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ez_addr);
+	__type(value, struct ez_endpoint);
+} ez_endpoints SEC(".maps");
+
+/* netns cookie -> an enrolled address seen as a local address there. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, EZ_MAX_NETNS);
+	__type(key, __u64);
+	__type(value, struct ez_addr);
+} ez_netns SEC(".maps");
+
+/* Capture ports (host order) whose passive sockets pair by client endpoint. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, EZ_MAX_CAPTURE_PORTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} ez_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ez_config);
+} ez_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, EZ_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} ez_counters SEC(".maps");
+
+/* Keeps the shared enums in the object's BTF, where tests compare them. */
+struct ez_btf_anchor {
+	enum ez_layout layout;
+	enum ez_limits limits;
+	enum ez_sock_state state;
+	enum ez_rule rule;
+	enum ez_index_kind kind;
+	enum ez_counter counter;
+	enum ez_endpoint_flags flags;
+};
+const volatile struct ez_btf_anchor ez_anchor = {};
+
+/* ---- helpers ----------------------------------------------------------- */
+
+static __always_inline void count(__u32 idx, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&ez_counters, &idx);
+
+	if (v)
+		*v += n;
+}
+
+static __always_inline bool enabled(void)
+{
+	__u32 zero = 0;
+	struct ez_config *cfg = bpf_map_lookup_elem(&ez_config, &zero);
+
+	return cfg && cfg->enabled;
+}
+
+static __always_inline bool enrolled(struct ez_addr *a)
+{
+	struct ez_endpoint *ep = bpf_map_lookup_elem(&ez_endpoints, a);
+
+	return ep && (ep->flags & EZ_EP_ENROLLED);
+}
+
+static __always_inline bool loopback(const struct ez_addr *a)
+{
+	/* ::1 */
+	if (!a->a[0] && !a->a[1] && !a->a[2] && a->a[3] == bpf_htonl(1))
+		return true;
+	/* ::ffff:127.0.0.0/104 */
+	return !a->a[0] && !a->a[1] && a->a[2] == bpf_htonl(0xffff) &&
+	       (a->a[3] & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000);
+}
+
+/* A socket of ours as user space and sk_msg see it: tuple and netns. */
+struct ez_tuple {
+	struct ez_addr local;
+	struct ez_addr remote;
+	__u16 local_port;
+	__u16 remote_port;
+	__u64 netns;
+};
+
+static __always_inline bool read_tuple(struct bpf_sock_ops *ops, struct ez_tuple *t)
+{
+	/* Read every context field unconditionally: the verifier refuses the
+	 * variable-offset context access clang makes of branch-local reads. */
+	__u32 family = ops->family;
+	__u32 l4 = ops->local_ip4, r4 = ops->remote_ip4;
+	__u32 l0 = ops->local_ip6[0], l1 = ops->local_ip6[1];
+	__u32 l2 = ops->local_ip6[2], l3 = ops->local_ip6[3];
+	__u32 r0 = ops->remote_ip6[0], r1 = ops->remote_ip6[1];
+	__u32 r2 = ops->remote_ip6[2], r3 = ops->remote_ip6[3];
+
+	if (family == AF_INET) {
+		t->local.a[2] = bpf_htonl(0xffff);
+		t->local.a[3] = l4;
+		t->remote.a[2] = bpf_htonl(0xffff);
+		t->remote.a[3] = r4;
+	} else if (family == AF_INET6) {
+		t->local = (struct ez_addr){ { l0, l1, l2, l3 } };
+		t->remote = (struct ez_addr){ { r0, r1, r2, r3 } };
+	} else {
+		return false;
+	}
+	/* local_port is host order; remote_port is network order in the high half. */
+	t->local_port = ops->local_port;
+	t->remote_port = bpf_ntohl(ops->remote_port);
+	t->netns = bpf_get_netns_cookie(ops);
+	return true;
+}
+
+/*
+ * In scope: either end is an enrolled endpoint, or it is a loopback flow in a
+ * netns where an enrolled address lives (loopback inside an enrolled pod).
+ */
+static __always_inline bool in_scope(struct ez_tuple *t)
+{
+	bool local = enrolled(&t->local);
+
+	if (local && !loopback(&t->local))
+		bpf_map_update_elem(&ez_netns, &t->netns, &t->local, BPF_ANY);
+	if (local || enrolled(&t->remote))
+		return true;
+	if (!loopback(&t->local) || !loopback(&t->remote))
+		return false;
+	struct ez_addr *owner = bpf_map_lookup_elem(&ez_netns, &t->netns);
+
+	return owner && enrolled(owner);
+}
+
+static __always_inline void index_key(struct ez_index_key *k, struct ez_tuple *t, __u32 kind)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->kind = kind;
+	k->local = t->local;
+	k->local_port = t->local_port;
+	if (kind != EZ_IDX_CLIENT_EP) {
+		k->remote = t->remote;
+		k->remote_port = t->remote_port;
+	}
+	if (kind != EZ_IDX_CROSS_MIRROR)
+		k->netns = t->netns;
+}
+
+/* Publish one index entry; a second claimant makes the key ambiguous. */
+static __always_inline __u8 publish(struct ez_tuple *t, __u32 kind, __u64 cookie)
+{
+	struct ez_index_key k;
+	struct ez_index_value v = { .cookie = cookie };
+	struct ez_index_value *old;
+
+	index_key(&k, t, kind);
+	if (!bpf_map_update_elem(&ez_index, &k, &v, BPF_NOEXIST))
+		return 1 << kind;
+	old = bpf_map_lookup_elem(&ez_index, &k);
+	if (old)
+		old->ambiguous = 1;
+	return 0;
+}
+
+static __always_inline void unpublish(struct ez_sock_info *info, __u64 cookie)
+{
+	struct ez_tuple t = {
+		.local = info->local,
+		.remote = info->remote,
+		.local_port = info->local_port,
+		.remote_port = info->remote_port,
+		.netns = info->netns,
+	};
+	struct ez_index_key k;
+	struct ez_index_value *v;
+
+	for (__u32 kind = EZ_IDX_NETNS_MIRROR; kind <= EZ_IDX_CROSS_MIRROR; kind++) {
+		if (!(info->index_owned & (1 << kind)))
+			continue;
+		index_key(&k, &t, kind);
+		v = bpf_map_lookup_elem(&ez_index, &k);
+		if (v && v->cookie == cookie)
+			bpf_map_delete_elem(&ez_index, &k);
+	}
+}
+
+static __always_inline struct ez_sock_info *new_info(struct ez_tuple *t, __u64 cookie,
+						     __u8 active)
+{
+	struct ez_sock_info info = {
+		.state = EZ_UNPAIRED,
+		.netns = t->netns,
+		.local = t->local,
+		.remote = t->remote,
+		.local_port = t->local_port,
+		.remote_port = t->remote_port,
+		.active = active,
+	};
+
+	if (bpf_map_update_elem(&ez_sockinfo, &cookie, &info, BPF_NOEXIST))
+		return NULL;
+	return bpf_map_lookup_elem(&ez_sockinfo, &cookie);
+}
+
+static __always_inline bool remember_cookie(struct bpf_sock_ops *ops, __u64 cookie)
+{
+	struct bpf_sock *sk = ops->sk;
+	__u64 *slot;
+
+	if (!sk)
+		return false;
+	slot = bpf_sk_storage_get(&ez_skcookie, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!slot)
+		return false;
+	*slot = cookie;
+	return true;
+}
+
+/* ---- sockops --------------------------------------------------------- */
+
+/* connect() side: register and publish so the accept() side can find us. */
+static __always_inline void on_active(struct bpf_sock_ops *ops, struct ez_tuple *t)
+{
+	__u64 cookie = bpf_get_socket_cookie(ops);
+	struct ez_sock_info *info;
+
+	info = new_info(t, cookie, 1);
+	if (!info || !remember_cookie(ops, cookie)) {
+		count(EZ_NP_MAP_FULL, 1);
+		if (info)
+			bpf_map_delete_elem(&ez_sockinfo, &cookie);
+		return;
+	}
+	/* Close callbacks clean the side tables (the kernel only cleans the sockhash). */
+	bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	if (bpf_sock_hash_update(ops, &ez_socks, &cookie, BPF_NOEXIST)) {
+		/* Not in the sockhash: sk_msg never sees it, so it must never pair. */
+		info->state = EZ_TAINTED;
+		count(EZ_NP_MAP_FULL, 1);
+		return;
+	}
+	info->index_owned |= publish(t, EZ_IDX_NETNS_MIRROR, cookie);
+	info->index_owned |= publish(t, EZ_IDX_CLIENT_EP, cookie);
+	if (enrolled(&t->local) && enrolled(&t->remote))
+		info->index_owned |= publish(t, EZ_IDX_CROSS_MIRROR, cookie);
+	count(EZ_CNT_ACTIVE_REGISTERED, 1);
+}
+
+/* Find the active socket this accept() socket should be paired with. */
+static __always_inline __u64 find_peer(struct ez_tuple *t, __u32 *rule, __u32 *reason)
+{
+	struct ez_tuple mirror = {
+		.local = t->remote,
+		.remote = t->local,
+		.local_port = t->remote_port,
+		.remote_port = t->local_port,
+		.netns = t->netns,
+	};
+	struct ez_index_key k;
+	struct ez_index_value *v;
+	__u32 port = t->local_port;
+
+	/* 1. Same netns, exact mirror. */
+	index_key(&k, &mirror, EZ_IDX_NETNS_MIRROR);
+	v = bpf_map_lookup_elem(&ez_index, &k);
+	if (v) {
+		*rule = EZ_RULE_NETNS_MIRROR;
+		goto found;
+	}
+	/* 2. Same netns, capture port: the client endpoint is our remote end. */
+	if (bpf_map_lookup_elem(&ez_ports, &port)) {
+		index_key(&k, &mirror, EZ_IDX_CLIENT_EP);
+		v = bpf_map_lookup_elem(&ez_index, &k);
+		if (v) {
+			*rule = EZ_RULE_CAPTURE;
+			goto found;
+		}
+	}
+	/* 3. Different netns, exact mirror, both ends enrolled. */
+	index_key(&k, &mirror, EZ_IDX_CROSS_MIRROR);
+	v = bpf_map_lookup_elem(&ez_index, &k);
+	if (!v) {
+		*reason = EZ_NP_NO_PEER;
+		return 0;
+	}
+	if (!enrolled(&t->local) || !enrolled(&t->remote)) {
+		*reason = EZ_NP_PEER_NOT_ENROLLED;
+		return 0;
+	}
+	*rule = EZ_RULE_CROSS_MIRROR;
+found:
+	if (v->ambiguous) {
+		*reason = EZ_NP_AMBIGUOUS;
+		return 0;
+	}
+	return v->cookie;
+}
+
+/* accept() side: pair with the registered active socket, or leave untouched. */
+static __always_inline void on_passive(struct bpf_sock_ops *ops, struct ez_tuple *t)
+{
+	__u32 rule = EZ_RULE_NONE, reason = EZ_NP_NO_PEER;
+	struct ez_sock_info *mine, *peer;
+	__u64 cookie, peer_cookie;
+
+	/* Bytes already arrived over TCP (Fast Open): redirecting would reorder. */
+	if (ops->bytes_received) {
+		count(EZ_NP_DATA_BEFORE_PAIRING, 1);
+		return;
+	}
+	peer_cookie = find_peer(t, &rule, &reason);
+	if (!peer_cookie) {
+		count(reason, 1);
+		return;
+	}
+	peer = bpf_map_lookup_elem(&ez_sockinfo, &peer_cookie);
+	if (!peer || peer->state != EZ_UNPAIRED) {
+		count(EZ_NP_TAINTED, 1);
+		return;
+	}
+	cookie = bpf_get_socket_cookie(ops);
+	mine = new_info(t, cookie, 0);
+	if (!mine || !remember_cookie(ops, cookie)) {
+		count(EZ_NP_MAP_FULL, 1);
+		if (mine)
+			bpf_map_delete_elem(&ez_sockinfo, &cookie);
+		return;
+	}
+	mine->peer_cookie = peer_cookie;
+	mine->rule = rule;
+	bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	if (bpf_sock_hash_update(ops, &ez_socks, &cookie, BPF_NOEXIST)) {
+		mine->state = EZ_TAINTED;
+		count(EZ_NP_MAP_FULL, 1);
+		return;
+	}
+	/* The peer's sk_msg reads peer_cookie only once it sees PAIRED. */
+	peer->peer_cookie = cookie;
+	peer->rule = rule;
+	if (__sync_val_compare_and_swap(&peer->state, EZ_UNPAIRED, EZ_PAIRED) != EZ_UNPAIRED) {
+		/* The peer sent its first byte through TCP meanwhile. */
+		mine->state = EZ_TAINTED;
+		count(EZ_NP_TAINTED, 1);
+		return;
+	}
+	/* If this fails we already sent through TCP; the peer's direction stays safe. */
+	__sync_val_compare_and_swap(&mine->state, EZ_UNPAIRED, EZ_PAIRED);
+	count(EZ_CNT_PAIRS, 1);
+	count(EZ_CNT_PAIRS + rule, 1);
+}
+
+static __always_inline void on_close(struct bpf_sock_ops *ops)
+{
+	__u64 cookie = bpf_get_socket_cookie(ops);
+	struct ez_sock_info *info = bpf_map_lookup_elem(&ez_sockinfo, &cookie);
+
+	if (!info)
+		return;
+	unpublish(info, cookie);
+	bpf_map_delete_elem(&ez_sockinfo, &cookie);
+	count(EZ_CNT_SOCKETS_CLOSED, 1);
+}
+
+SEC("sockops")
+int ez_sockops(struct bpf_sock_ops *ops)
+{
+	struct ez_tuple t = {};
+	__u32 op = ops->op;
+
+	if (op == BPF_SOCK_OPS_STATE_CB) {
+		if (ops->args[1] == BPF_TCP_CLOSE)
+			on_close(ops);
+		return 1;
+	}
+	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+	if (!read_tuple(ops, &t))
+		return 1;
+	count(EZ_CNT_SOCKETS_SEEN, 1);
+	if (!enabled()) {
+		count(EZ_NP_DISABLED, 1);
+		return 1;
+	}
+	if (!in_scope(&t)) {
+		count(EZ_NP_OUT_OF_SCOPE, 1);
+		return 1;
+	}
+	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		on_active(ops, &t);
+	else
+		on_passive(ops, &t);
+	return 1;
+}
+
+/* ---- sk_msg ---------------------------------------------------------- */
+
+static __always_inline void taint(struct ez_sock_info *info)
+{
+	if (__sync_val_compare_and_swap(&info->state, EZ_PAIRED, EZ_TAINTED) == EZ_PAIRED)
+		count(EZ_CNT_TAINTED, 1);
+}
+
+SEC("sk_msg")
+int ez_msg(struct sk_msg_md *msg)
+{
+	struct bpf_sock *sk = msg->sk;
+	struct ez_sock_info *info;
+	__u64 *cookie, peer;
+	__u32 state;
+	long ret;
+
+	if (!sk)
+		return SK_PASS;
+	cookie = bpf_sk_storage_get(&ez_skcookie, sk, 0, 0);
+	if (!cookie)
+		return SK_PASS;
+	info = bpf_map_lookup_elem(&ez_sockinfo, cookie);
+	if (!info)
+		return SK_PASS;
+	/* First byte before pairing: this socket goes through TCP for good. */
+	state = __sync_val_compare_and_swap(&info->state, EZ_UNPAIRED, EZ_TAINTED);
+	if (state != EZ_PAIRED)
+		goto pass;
+	/* Kill switch: once through TCP, never back (the peer reads its queue first). */
+	if (!enabled()) {
+		taint(info);
+		goto pass;
+	}
+	peer = info->peer_cookie;
+	ret = bpf_msg_redirect_hash(msg, &ez_socks, &peer, BPF_F_INGRESS);
+	if (ret != SK_PASS) {
+		/* The peer left the sockhash (closed): plain TCP from now on. */
+		taint(info);
+		count(EZ_CNT_REDIRECT_MISSES, 1);
+		goto pass;
+	}
+	__sync_fetch_and_add(&info->bytes_out, msg->size);
+	__sync_fetch_and_add(&info->msgs_out, 1);
+	count(EZ_CNT_MSGS_REDIRECTED, 1);
+	count(EZ_CNT_BYTES_REDIRECTED, msg->size);
+	return SK_PASS;
+pass:
+	count(EZ_CNT_MSGS_PASSED, 1);
+	return SK_PASS;
+}
+
+/*
+ * No-op stream verdict. Attached only where the kernel loses epoll wakeups for
+ * sockets in a sockhash without an SK_SKB program (design.md section 4).
+ */
+SEC("sk_skb/stream_verdict")
+int ez_skb_verdict(struct __sk_buff *skb)
+{
+	return SK_PASS;
+}

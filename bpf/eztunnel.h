@@ -1,0 +1,126 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Every struct and constant shared between the BPF programs and user space.
+ * src/eztunnel_plugin/layout.py mirrors this file; tests/test_layout.py checks
+ * both against the BTF of the compiled object, so they cannot drift.
+ */
+#ifndef EZTUNNEL_H
+#define EZTUNNEL_H
+
+/* Bump whenever a map's key/value layout or meaning changes. */
+enum ez_layout {
+	EZ_LAYOUT_VERSION = 1,
+};
+
+/* Map sizes (pinned maps cannot be resized: part of the layout). */
+enum ez_limits {
+	EZ_MAX_SOCKETS = 65536,
+	EZ_MAX_INDEX = 131072,
+	EZ_MAX_ENDPOINTS = 16384,
+	EZ_MAX_NETNS = 4096,
+	EZ_MAX_CAPTURE_PORTS = 64,
+};
+
+/* Per-socket pairing state; only ever changed with compare-and-swap. */
+enum ez_sock_state {
+	EZ_UNPAIRED = 0, /* no byte sent yet, may still be paired */
+	EZ_TAINTED = 1,  /* bytes went (or go) through TCP: never redirect again */
+	EZ_PAIRED = 2,   /* every byte goes straight to the peer socket */
+};
+
+/* Which candidate rule paired a socket (design.md section 2). */
+enum ez_rule {
+	EZ_RULE_NONE = 0,
+	EZ_RULE_NETNS_MIRROR = 1, /* same netns, exact mirrored tuple */
+	EZ_RULE_CAPTURE = 2,      /* same netns, capture-port NAT pair */
+	EZ_RULE_CROSS_MIRROR = 3, /* different netns, unambiguous mirror */
+};
+
+/* Kinds of pairing-index entries an active socket publishes. */
+enum ez_index_kind {
+	EZ_IDX_NETNS_MIRROR = 1,
+	EZ_IDX_CLIENT_EP = 2,
+	EZ_IDX_CROSS_MIRROR = 3,
+};
+
+/* Per-CPU counters; names after the EZ_CNT_ / EZ_NP_ prefix are API. */
+enum ez_counter {
+	EZ_CNT_SOCKETS_SEEN = 0,
+	EZ_CNT_ACTIVE_REGISTERED,
+	EZ_CNT_PAIRS,
+	EZ_CNT_PAIRS_NETNS_MIRROR,
+	EZ_CNT_PAIRS_CAPTURE,
+	EZ_CNT_PAIRS_CROSS_MIRROR,
+	EZ_CNT_MSGS_REDIRECTED,
+	EZ_CNT_BYTES_REDIRECTED,
+	EZ_CNT_MSGS_PASSED,
+	EZ_CNT_REDIRECT_MISSES,
+	EZ_CNT_TAINTED,
+	EZ_CNT_SOCKETS_CLOSED,
+	/* One counter per reason a socket was not paired. */
+	EZ_NP_DISABLED,
+	EZ_NP_OUT_OF_SCOPE,
+	EZ_NP_NO_PEER,
+	EZ_NP_AMBIGUOUS,
+	EZ_NP_PEER_NOT_ENROLLED,
+	EZ_NP_TAINTED,
+	EZ_NP_DATA_BEFORE_PAIRING,
+	EZ_NP_MAP_FULL,
+	EZ_CNT_MAX,
+};
+
+/* Endpoint flags (user space fills the endpoint map from xDS). */
+enum ez_endpoint_flags {
+	EZ_EP_ENROLLED = 1 << 0, /* in-mesh pod on this node: may be spliced */
+};
+
+/* An IPv6 address, or IPv4 as v4-mapped IPv6 (::ffff:a.b.c.d), network order. */
+struct ez_addr {
+	__u32 a[4];
+};
+
+struct ez_endpoint {
+	__u32 flags; /* enum ez_endpoint_flags */
+	__u32 reserved;
+};
+
+/* Global switches, ARRAY map with one entry. */
+struct ez_config {
+	__u32 enabled;        /* 0: kill switch, pass everything, pair nothing */
+	__u32 layout_version; /* written at install, checked on reuse */
+};
+
+/* Pairing index key: netns is 0 for cross-netns entries; ports host order. */
+struct ez_index_key {
+	__u64 netns;
+	struct ez_addr local;
+	struct ez_addr remote;
+	__u16 local_port;
+	__u16 remote_port;
+	__u32 kind; /* enum ez_index_kind */
+};
+
+struct ez_index_value {
+	__u64 cookie;    /* socket that published this entry */
+	__u32 ambiguous; /* a second socket claimed the same key: never pair */
+	__u32 reserved;
+};
+
+/* Per-socket state, keyed by socket cookie; reachable from the peer's sockops. */
+struct ez_sock_info {
+	__u32 state; /* enum ez_sock_state */
+	__u32 rule;  /* enum ez_rule, set when paired */
+	__u64 peer_cookie;
+	__u64 netns;
+	__u64 bytes_out; /* bytes redirected from this socket to its peer */
+	__u64 msgs_out;
+	struct ez_addr local;
+	struct ez_addr remote;
+	__u16 local_port;  /* host order */
+	__u16 remote_port; /* host order */
+	__u8 active;       /* 1: connect() side */
+	__u8 index_owned;  /* bit (1 << kind) for index entries this socket owns */
+	__u8 reserved[2];
+};
+
+#endif /* EZTUNNEL_H */

@@ -1,0 +1,3 @@
+from eztunnel_plugin.cli import main
+
+raise SystemExit(main())
