@@ -1,0 +1,183 @@
+"""Python mirror of bpf/eztunnel.h: map keys, values and constants.
+
+tests/test_layout.py checks every size, offset and enum value here against
+the BTF of the compiled object.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import ipaddress
+
+LAYOUT_VERSION = 1
+
+MAX_SOCKETS = 65536
+MAX_INDEX = 131072
+MAX_ENDPOINTS = 16384
+MAX_NETNS = 4096
+MAX_CAPTURE_PORTS = 64
+
+DEFAULT_CAPTURE_PORTS = (15001,)
+
+
+class SockState(enum.IntEnum):
+    UNPAIRED = 0
+    TAINTED = 1
+    PAIRED = 2
+
+
+class Rule(enum.IntEnum):
+    NONE = 0
+    NETNS_MIRROR = 1
+    CAPTURE = 2
+    CROSS_MIRROR = 3
+
+
+class IndexKind(enum.IntEnum):
+    NETNS_MIRROR = 1
+    CLIENT_EP = 2
+    CROSS_MIRROR = 3
+
+
+class Counter(enum.IntEnum):
+    """enum ez_counter; lower-cased names are the API names."""
+
+    SOCKETS_SEEN = 0
+    ACTIVE_REGISTERED = 1
+    PAIRS = 2
+    PAIRS_NETNS_MIRROR = 3
+    PAIRS_CAPTURE = 4
+    PAIRS_CROSS_MIRROR = 5
+    MSGS_REDIRECTED = 6
+    BYTES_REDIRECTED = 7
+    MSGS_PASSED = 8
+    REDIRECT_MISSES = 9
+    TAINTED = 10
+    SOCKETS_CLOSED = 11
+    NP_DISABLED = 12
+    NP_OUT_OF_SCOPE = 13
+    NP_NO_PEER = 14
+    NP_AMBIGUOUS = 15
+    NP_PEER_NOT_ENROLLED = 16
+    NP_TAINTED = 17
+    NP_DATA_BEFORE_PAIRING = 18
+    NP_MAP_FULL = 19
+
+
+COUNTER_MAX = 20
+
+EP_ENROLLED = 1 << 0
+
+
+class Addr(ctypes.Structure):
+    """struct ez_addr: IPv6, or IPv4 as v4-mapped IPv6, network byte order."""
+
+    _fields_ = [("a", ctypes.c_uint8 * 16)]
+
+    @classmethod
+    def of(cls, ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> Addr:
+        addr = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
+        if isinstance(addr, ipaddress.IPv4Address):
+            addr = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + addr.packed)
+        return cls.from_buffer_copy(addr.packed)
+
+    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        v6 = ipaddress.IPv6Address(bytes(self.a))
+        return v6.ipv4_mapped or v6
+
+
+class Endpoint(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+
+
+class Config(ctypes.Structure):
+    _fields_ = [("enabled", ctypes.c_uint32), ("layout_version", ctypes.c_uint32)]
+
+
+class IndexKey(ctypes.Structure):
+    _fields_ = [
+        ("netns", ctypes.c_uint64),
+        ("local", Addr),
+        ("remote", Addr),
+        ("local_port", ctypes.c_uint16),
+        ("remote_port", ctypes.c_uint16),
+        ("kind", ctypes.c_uint32),
+    ]
+
+
+class IndexValue(ctypes.Structure):
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("ambiguous", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
+class SockInfo(ctypes.Structure):
+    _fields_ = [
+        ("state", ctypes.c_uint32),
+        ("rule", ctypes.c_uint32),
+        ("peer_cookie", ctypes.c_uint64),
+        ("netns", ctypes.c_uint64),
+        ("bytes_out", ctypes.c_uint64),
+        ("msgs_out", ctypes.c_uint64),
+        ("local", Addr),
+        ("remote", Addr),
+        ("local_port", ctypes.c_uint16),
+        ("remote_port", ctypes.c_uint16),
+        ("active", ctypes.c_uint8),
+        ("index_owned", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8 * 2),
+    ]
+
+
+# C struct name -> mirror, for the BTF check.
+STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "ez_addr": Addr,
+    "ez_endpoint": Endpoint,
+    "ez_config": Config,
+    "ez_index_key": IndexKey,
+    "ez_index_value": IndexValue,
+    "ez_sock_info": SockInfo,
+}
+
+# C enum name -> {C constant name: value}, for the BTF check.
+ENUMS: dict[str, dict[str, int]] = {
+    "ez_layout": {"EZ_LAYOUT_VERSION": LAYOUT_VERSION},
+    "ez_limits": {
+        "EZ_MAX_SOCKETS": MAX_SOCKETS,
+        "EZ_MAX_INDEX": MAX_INDEX,
+        "EZ_MAX_ENDPOINTS": MAX_ENDPOINTS,
+        "EZ_MAX_NETNS": MAX_NETNS,
+        "EZ_MAX_CAPTURE_PORTS": MAX_CAPTURE_PORTS,
+    },
+    "ez_sock_state": {f"EZ_{s.name}": s.value for s in SockState},
+    "ez_rule": {f"EZ_RULE_{r.name}": r.value for r in Rule},
+    "ez_index_kind": {f"EZ_IDX_{k.name}": k.value for k in IndexKind},
+    "ez_counter": {
+        **{
+            (f"EZ_{c.name}" if c.name.startswith("NP_") else f"EZ_CNT_{c.name}"): c.value
+            for c in Counter
+        },
+        "EZ_CNT_MAX": COUNTER_MAX,
+    },
+    "ez_endpoint_flags": {"EZ_EP_ENROLLED": EP_ENROLLED},
+}
+
+# Pinned map name -> (key struct or size, value struct or size).
+MAPS: dict[str, tuple[type[ctypes.Structure] | int, type[ctypes.Structure] | int]] = {
+    "ez_socks": (8, 8),
+    "ez_sockinfo": (8, SockInfo),
+    "ez_skcookie": (4, 8),
+    "ez_index": (IndexKey, IndexValue),
+    "ez_endpoints": (Addr, Endpoint),
+    "ez_netns": (8, Addr),
+    "ez_ports": (4, 4),
+    "ez_config": (4, Config),
+    "ez_counters": (4, 8),
+}
+
+
+def size_of(t: type[ctypes.Structure] | int) -> int:
+    return t if isinstance(t, int) else ctypes.sizeof(t)

@@ -1,0 +1,173 @@
+"""Throwaway "nodes" made of network namespaces, a bridge and a cgroup.
+
+Used by the tests, the demo, the benchmarks and the simulator. Everything a lab
+creates carries its unique id and is removed by `close()`, even after a failure:
+the node netns (its bridge and veths go with it), the pod netns, the cgroup and
+the bpffs directory; processes the lab started are killed by pid.
+The initial network namespace and the root cgroup are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eztunnel_plugin import bpfsys, dataplane
+
+CLONE_NEWNET = 0x40000000
+BPFFS_ROOT = Path("/sys/fs/bpf")
+
+
+def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs at /sys/fs/bpf if nothing is mounted there yet."""
+    if not dataplane._is_bpffs(BPFFS_ROOT):
+        run("mount", "-t", "bpf", "bpf", str(BPFFS_ROOT))
+
+
+@dataclass
+class Pod:
+    name: str  # netns name
+    ip4: str
+    ip6: str
+    cgroup: Path
+
+    @property
+    def netns_path(self) -> Path:
+        return Path("/run/netns") / self.name
+
+
+def _enter(netns: Path, cgroup: Path) -> None:
+    """Runs in the child between fork and exec: join the cgroup, then the netns."""
+    (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+    fd = os.open(netns, os.O_RDONLY)
+    if bpfsys.libc().setns(fd, CLONE_NEWNET) != 0:
+        os._exit(121)
+    os.close(fd)
+
+
+@dataclass
+class Lab:
+    """One node: pods on a bridge inside a private node netns, one cgroup."""
+
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    subnet4: str = "10.240.0"
+    subnet6: str = "fd00:ee::"
+    pods: list[Pod] = field(default_factory=list)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _netns: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.node = f"ezn-{self.tag}"
+        self.cgroup = dataplane.cgroup2_root() / f"eztest-{self.tag}"
+        self.bpffs = BPFFS_ROOT / f"eztest-{self.tag}"
+
+    def __enter__(self) -> Lab:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        ensure_bpffs()
+        self.cgroup.mkdir()
+        self._add_netns(self.node)
+        self.ip(self.node, "link", "add", "br0", "type", "bridge")
+        self.ip(self.node, "link", "set", "br0", "up")
+        self.ip(self.node, "link", "set", "lo", "up")
+
+    def _add_netns(self, name: str) -> None:
+        run("ip", "netns", "add", name)
+        self._netns.append(name)
+
+    def ip(self, netns: str, *args: str) -> None:
+        run("ip", "-n", netns, *args)
+
+    def exec(self, netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run("ip", "netns", "exec", netns, *argv, check=check)
+
+    def add_pod(self) -> Pod:
+        n = len(self.pods) + 1
+        pod = Pod(
+            name=f"ezp-{self.tag}-{n}",
+            ip4=f"{self.subnet4}.{10 + n}",
+            ip6=f"{self.subnet6}{10 + n:x}",
+            cgroup=self.cgroup,
+        )
+        self._add_netns(pod.name)
+        self.ip(self.node, "link", "add", f"v{n}", "type", "veth", "peer", "name", "eth0",
+                "netns", pod.name)
+        self.ip(self.node, "link", "set", f"v{n}", "master", "br0", "up")
+        self.ip(pod.name, "link", "set", "lo", "up")
+        self.ip(pod.name, "addr", "add", f"{pod.ip4}/24", "dev", "eth0")
+        self.ip(pod.name, "addr", "add", f"{pod.ip6}/64", "dev", "eth0", "nodad")
+        self.ip(pod.name, "link", "set", "eth0", "up")
+        self.pods.append(pod)
+        return pod
+
+    def child_cgroup(self, name: str) -> Path:
+        """A cgroup below the lab's (programs attached to the lab's apply to it too)."""
+        path = self.cgroup / name
+        path.mkdir(exist_ok=True)
+        return path
+
+    def spawn(
+        self, pod: Pod | str, argv: Sequence[str], cgroup: Path | None = None, **kw: object
+    ) -> subprocess.Popen[bytes]:
+        """Start a process inside the pod's netns and the lab's cgroup (or `cgroup`)."""
+        netns = Path("/run/netns") / (pod.name if isinstance(pod, Pod) else pod)
+        target = cgroup or self.cgroup
+        proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+            list(argv), preexec_fn=lambda: _enter(netns, target), **kw
+        )
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        if self.bpffs.exists():
+            with contextlib.suppress(Exception):
+                dataplane.uninstall(self.bpffs)
+        for name in reversed(self._netns):
+            run("ip", "netns", "del", name, check=False)
+        self._netns.clear()
+        if self.cgroup.exists():
+            for child in [p for p in self.cgroup.iterdir() if p.is_dir()]:
+                _rmdir_cgroup(child)
+            _rmdir_cgroup(self.cgroup)
+
+
+def _rmdir_cgroup(path: Path) -> None:
+    # rmdir fails while exiting tasks linger for a moment
+    deadline = time.monotonic() + 10
+    while path.exists():
+        try:
+            path.rmdir()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
