@@ -10,7 +10,9 @@ BPF_OBJ := $(PKG)/data/eztunnel.bpf.o
 VMLINUX := bpf/vmlinux.h
 STAMP := build/stamps
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 iptables iperf3 sockperf \
-	nginx-light haproxy socat curl openssl nodejs npm
+	nginx-light haproxy socat curl openssl
+# npm comes with NodeSource's nodejs on some images (it conflicts with Debian's npm).
+NPM_PACKAGES := $(if $(shell command -v npm),,nodejs npm)
 PROTOS := $(shell find proto -name '*.proto' 2>/dev/null)
 PROTO_STAMP := $(PKG)/pb/.generated
 
@@ -21,7 +23,7 @@ all: build
 # --- dependencies -----------------------------------------------------------
 $(STAMP)/apt: Makefile
 	@mkdir -p $(STAMP)
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(APT_PACKAGES) $(NPM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing apt packages:" $$missing; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
