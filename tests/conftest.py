@@ -82,8 +82,19 @@ def flowcheck_client(
 ) -> dict[str, object]:
     proc = lab.spawn(
         pod,
-        [PY, "-m", "eztunnel_plugin.flowcheck", "client", "--connect", host,
-         "--port", str(port), "--timeout", str(timeout - 10), *extra],
+        [
+            PY,
+            "-m",
+            "eztunnel_plugin.flowcheck",
+            "client",
+            "--connect",
+            host,
+            "--port",
+            str(port),
+            "--timeout",
+            str(timeout - 10),
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -95,8 +106,9 @@ def flowcheck_client(
 
 
 def hold_server(lab: Lab, pod: Pod, host: str, port: int) -> subprocess.Popen[bytes]:
-    proc = lab.spawn(pod, [PY, str(TOOLS / "hold.py"), "server", host, str(port)],
-                     stdout=subprocess.PIPE)
+    proc = lab.spawn(
+        pod, [PY, str(TOOLS / "hold.py"), "server", host, str(port)], stdout=subprocess.PIPE
+    )
     wait_line(proc, "listening")
     return proc
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from eztunnel_plugin import bpfsys, dataplane, layout
-from eztunnel_plugin.netlab import Lab
+from eztunnel_plugin.netlab import Lab, Pod
 
 from .conftest import (
     PY,
@@ -79,9 +79,20 @@ def test_integrity_under_stress(lab: Lab, dp: dataplane.Dataplane, family: str) 
     flowcheck_server(lab, b, 9000)
     before = dp.counters()
     result = flowcheck_client(
-        lab, a, getattr(b, family), 9000,
-        "--conns", "80", "--concurrency", "64", "--min-size", "1", "--max-size", str(16 * MB),
-        "--seed", "7" if family == "ip4" else "8",
+        lab,
+        a,
+        getattr(b, family),
+        9000,
+        "--conns",
+        "80",
+        "--concurrency",
+        "64",
+        "--min-size",
+        "1",
+        "--max-size",
+        str(16 * MB),
+        "--seed",
+        "7" if family == "ip4" else "8",
     )
     delta = counters_delta(before, dp.counters())
     assert delta["pairs"] == 80
@@ -99,17 +110,24 @@ def test_half_close_then_peer_keeps_sending(lab: Lab, dp: dataplane.Dataplane) -
     enroll(dp, a, b)
     flowcheck_server(lab, b, 9000)
     before = dp.counters()
-    flowcheck_client(lab, a, b.ip4, 9000, "--conns", "8", "--min-size", "1",
-                     "--max-size", str(4 * MB))
+    flowcheck_client(
+        lab, a, b.ip4, 9000, "--conns", "8", "--min-size", "1", "--max-size", str(4 * MB)
+    )
     assert counters_delta(before, dp.counters())["pairs"] == 8
 
 
-def _rst_outcome(lab: Lab, server_pod: object, client_pod: object, host: str, port: int) -> str:
-    srv = lab.spawn(server_pod, [PY, str(TOOLS / "rst.py"), "server", "0.0.0.0", str(port)],  # type: ignore[arg-type]
-                    stdout=subprocess.PIPE)
+def _rst_outcome(lab: Lab, server_pod: Pod, client_pod: Pod, host: str, port: int) -> str:
+    srv = lab.spawn(
+        server_pod,
+        [PY, str(TOOLS / "rst.py"), "server", "0.0.0.0", str(port)],
+        stdout=subprocess.PIPE,
+    )
     wait_line(srv, "listening")
-    cli = lab.spawn(client_pod, [PY, str(TOOLS / "rst.py"), "client", host, str(port)],  # type: ignore[arg-type]
-                    stdout=subprocess.PIPE)
+    cli = lab.spawn(
+        client_pod,
+        [PY, str(TOOLS / "rst.py"), "client", host, str(port)],
+        stdout=subprocess.PIPE,
+    )
     cli.wait(timeout=10)
     assert cli.returncode == 0
     out, _ = srv.communicate(timeout=15)
@@ -138,7 +156,8 @@ def test_nginx_sendfile_to_curl(lab: Lab, dp: dataplane.Dataplane, tmp_path: Pat
     blob = os.urandom(24 * MB + 12345)
     (www / "blob").write_bytes(blob)
     conf = tmp_path / "nginx.conf"
-    conf.write_text(textwrap.dedent(f"""
+    conf.write_text(
+        textwrap.dedent(f"""
         daemon off; master_process off; worker_processes 1;
         pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;
         events {{ worker_connections 64; }}
@@ -148,10 +167,13 @@ def test_nginx_sendfile_to_curl(lab: Lab, dp: dataplane.Dataplane, tmp_path: Pat
           fastcgi_temp_path {tmp_path}; uwsgi_temp_path {tmp_path}; scgi_temp_path {tmp_path};
           server {{ listen {b.ip4}:8080; root {www}; }}
         }}
-    """))
+    """)
+    )
     nginx = lab.spawn(b, ["nginx", "-c", str(conf), "-p", str(tmp_path)])
-    wait_for(lambda: lab.exec(b.name, "ss", "-ltn", "sport = :8080").stdout.count("LISTEN") > 0,
-             what="nginx listening")
+    wait_for(
+        lambda: lab.exec(b.name, "ss", "-ltn", "sport = :8080").stdout.count("LISTEN") > 0,
+        what="nginx listening",
+    )
     before = dp.counters()
     out = tmp_path / "got"
     for _ in range(3):
@@ -176,8 +198,22 @@ def test_asyncio_backpressure_does_not_stall(lab: Lab, dp: dataplane.Dataplane) 
     slow = ("--read-delay", "0.001", "--read-chunk", "16384")
     flowcheck_server(lab, b, 9000, *slow)
     before = dp.counters()
-    flowcheck_client(lab, a, b.ip4, 9000, "--conns", "6", "--concurrency", "6",
-                     "--min-size", str(32 * MB), "--max-size", str(32 * MB), *slow, timeout=100)
+    flowcheck_client(
+        lab,
+        a,
+        b.ip4,
+        9000,
+        "--conns",
+        "6",
+        "--concurrency",
+        "6",
+        "--min-size",
+        str(32 * MB),
+        "--max-size",
+        str(32 * MB),
+        *slow,
+        timeout=100,
+    )
     delta = counters_delta(before, dp.counters())
     assert delta["pairs"] == 6
     assert delta["bytes_redirected"] >= 6 * 2 * 32 * MB
@@ -195,8 +231,11 @@ def test_loopback_tuples_in_two_pods_stay_apart(lab: Lab, dp: dataplane.Dataplan
     clients = []
     for pod in (a, b):
         hold_server(lab, pod, "127.0.0.1", 9100)
-        clients.append(hold_client(lab, pod, "127.0.0.1", 9100, "--src", "",
-                                   "--sport", "40100", "--size", str(MB)))
+        clients.append(
+            hold_client(
+                lab, pod, "127.0.0.1", 9100, "--src", "", "--sport", "40100", "--size", str(MB)
+            )
+        )
     flows = [f for f in dp.flows() if f.remote == "127.0.0.1:9100"]
     assert len(flows) == 2, dp.flows()
     assert all(f.local == "127.0.0.1:40100" for f in flows)  # identical 4-tuples
@@ -209,14 +248,61 @@ def test_loopback_tuples_in_two_pods_stay_apart(lab: Lab, dp: dataplane.Dataplan
 
 def _ambient_rules(lab: Lab, a_name: str, a_dst: str, b_name: str) -> None:
     """Just enough of istio-cni's in-pod rules: capture in A, transparent return in B."""
-    lab.exec(a_name, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", a_dst,
-             "--dport", "8080", "-m", "mark", "!", "--mark", "0x539/0xfff",
-             "-j", "REDIRECT", "--to-ports", "15001")
+    lab.exec(
+        a_name,
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        a_dst,
+        "--dport",
+        "8080",
+        "-m",
+        "mark",
+        "!",
+        "--mark",
+        "0x539/0xfff",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001",
+    )
     for rule in (
-        ["-t", "mangle", "-A", "PREROUTING", "-m", "mark", "--mark", "0x539/0xfff",
-         "-j", "CONNMARK", "--set-xmark", "0x111/0xfff"],
-        ["-t", "mangle", "-A", "OUTPUT", "-m", "connmark", "--mark", "0x111/0xfff",
-         "-j", "CONNMARK", "--restore-mark", "--nfmask", "0xffffffff", "--ctmask", "0xffffffff"],
+        [
+            "-t",
+            "mangle",
+            "-A",
+            "PREROUTING",
+            "-m",
+            "mark",
+            "--mark",
+            "0x539/0xfff",
+            "-j",
+            "CONNMARK",
+            "--set-xmark",
+            "0x111/0xfff",
+        ],
+        [
+            "-t",
+            "mangle",
+            "-A",
+            "OUTPUT",
+            "-m",
+            "connmark",
+            "--mark",
+            "0x111/0xfff",
+            "-j",
+            "CONNMARK",
+            "--restore-mark",
+            "--nfmask",
+            "0xffffffff",
+            "--ctmask",
+            "0xffffffff",
+        ],
     ):
         lab.exec(b_name, "iptables", *rule)
     lab.ip(b_name, "rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "lookup", "100")
@@ -237,8 +323,20 @@ def test_ambient_s1_s5_tuple_collision(lab: Lab, dp: dataplane.Dataplane, first:
         return hold_client(lab, a, b.ip4, 8080, "--sport", "40000", "--size", str(MB))
 
     def s5() -> subprocess.Popen[bytes]:
-        return hold_client(lab, b, b.ip4, 8080, "--src", a.ip4, "--sport", "40000",
-                           "--mark", str(0x539), "--size", str(MB))
+        return hold_client(
+            lab,
+            b,
+            b.ip4,
+            8080,
+            "--src",
+            a.ip4,
+            "--sport",
+            "40000",
+            "--mark",
+            str(0x539),
+            "--size",
+            str(MB),
+        )
 
     clients = [s1(), s5()] if first == "app" else [s5(), s1()]
     flows = {f.rule: f for f in dp.flows()}
@@ -309,8 +407,12 @@ def _attached_prog_ids(dp: dataplane.Dataplane) -> set[int]:
 
 
 def _prog_exists(prog_id: int) -> bool:
-    return subprocess.run(["bpftool", "prog", "show", "id", str(prog_id)],
-                          capture_output=True, check=False).returncode == 0
+    return (
+        subprocess.run(
+            ["bpftool", "prog", "show", "id", str(prog_id)], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
 
 
 def test_uninstall_during_live_flows(lab: Lab, dp: dataplane.Dataplane) -> None:
@@ -323,9 +425,24 @@ def test_uninstall_during_live_flows(lab: Lab, dp: dataplane.Dataplane) -> None:
     assert len(prog_ids) == 2
     bulk = lab.spawn(
         a,
-        [PY, "-m", "eztunnel_plugin.flowcheck", "client", "--connect", b.ip4, "--port", "9000",
-         "--conns", "8", "--min-size", str(24 * MB), "--max-size", str(24 * MB),
-         "--timeout", "90"],
+        [
+            PY,
+            "-m",
+            "eztunnel_plugin.flowcheck",
+            "client",
+            "--connect",
+            b.ip4,
+            "--port",
+            "9000",
+            "--conns",
+            "8",
+            "--min-size",
+            str(24 * MB),
+            "--max-size",
+            str(24 * MB),
+            "--timeout",
+            "90",
+        ],
         stdout=subprocess.PIPE,
     )
     wait_for(lambda: len(dp.flows()) >= 5, what="bulk flows spliced")
@@ -334,22 +451,26 @@ def test_uninstall_during_live_flows(lab: Lab, dp: dataplane.Dataplane) -> None:
     report = dataplane.uninstall(lab.bpffs)
     assert report.paired_sockets >= 2
     assert not lab.bpffs.exists()
-    cg = subprocess.run(["bpftool", "cgroup", "show", str(lab.cgroup)],
-                        capture_output=True, text=True, check=True)
+    cg = subprocess.run(
+        ["bpftool", "cgroup", "show", str(lab.cgroup)], capture_output=True, text=True, check=True
+    )
     assert "ez_sockops" not in cg.stdout
 
     out, _ = bulk.communicate(timeout=100)
     assert b'"ok": true' in out, out
     finish_hold(held, rounds=3)
     # Once the last spliced socket closed, nothing of ours is left in the kernel.
-    wait_for(lambda: not any(_prog_exists(p) for p in prog_ids), timeout=15,
-             what="programs released after the last paired socket closed")
+    wait_for(
+        lambda: not any(_prog_exists(p) for p in prog_ids),
+        timeout=15,
+        what="programs released after the last paired socket closed",
+    )
 
 
 def test_layout_mismatch_is_a_clear_error(lab: Lab, dp: dataplane.Dataplane) -> None:
     cfg = layout.Config(enabled=1, layout_version=layout.LAYOUT_VERSION + 1)
     bpfsys.map_update(dp.maps["ez_config"], bytes(4), bytes(cfg))
-    with pytest.raises(dataplane.DataplaneError, match="layout version 2.*uninstall"):
+    with pytest.raises(dataplane.DataplaneError, match=r"layout version 2.*uninstall"):
         dataplane.Dataplane.install_or_reuse(lab.bpffs, lab.cgroup)
 
 
@@ -358,8 +479,12 @@ def test_reuse_over_pins_attaches_nothing_twice(lab: Lab, dp: dataplane.Dataplan
     try:
         assert again.reused
         assert _attached_prog_ids(again) == _attached_prog_ids(dp)
-        cg = subprocess.run(["bpftool", "cgroup", "show", str(lab.cgroup)],
-                            capture_output=True, text=True, check=True)
+        cg = subprocess.run(
+            ["bpftool", "cgroup", "show", str(lab.cgroup)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert cg.stdout.count("ez_sockops") == 1
     finally:
         again.close()

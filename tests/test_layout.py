@@ -17,7 +17,9 @@ def btf() -> dict[tuple[str, str], dict[str, Any]]:
     """(kind, name) -> BTF type: a map variable and its value struct may share a name."""
     out = subprocess.run(
         ["bpftool", "-j", "btf", "dump", "file", str(dataplane.default_object())],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return {(t["kind"], t["name"]): t for t in json.loads(out)["types"] if t.get("name")}
 

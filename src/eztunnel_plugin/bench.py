@@ -62,13 +62,30 @@ class Metric:
 _PCT = re.compile(r"percentile (\d+\.\d+) =\s+([\d.]+)")
 
 
-def sockperf(lab: Lab, pod: Pod, cgroup: Path, host: str, port: int, pin: bool,
-             seconds: int) -> dict[str, float]:
+def sockperf(
+    lab: Lab, pod: Pod, cgroup: Path, host: str, port: int, pin: bool, seconds: int
+) -> dict[str, float]:
     """64-byte TCP ping-pong: p50 and p99 one-way latency in microseconds."""
-    argv = ["sockperf", "ping-pong", "--tcp", "-i", host, "-p", str(port), "-t", str(seconds),
-            "-m", "64"]
-    proc = lab.spawn(pod, (["taskset", "-c", "0"] if pin else []) + argv, cgroup=cgroup,
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    argv = [
+        "sockperf",
+        "ping-pong",
+        "--tcp",
+        "-i",
+        host,
+        "-p",
+        str(port),
+        "-t",
+        str(seconds),
+        "-m",
+        "64",
+    ]
+    proc = lab.spawn(
+        pod,
+        (["taskset", "-c", "0"] if pin else []) + argv,
+        cgroup=cgroup,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     out, _ = proc.communicate(timeout=seconds + 30)
     pcts = {float(p): float(v) for p, v in _PCT.findall(out.decode())}
     if 50.0 not in pcts:
@@ -76,11 +93,16 @@ def sockperf(lab: Lab, pod: Pod, cgroup: Path, host: str, port: int, pin: bool,
     return {"p50": pcts[50.0], "p99": pcts[99.0]}
 
 
-def iperf3(lab: Lab, pod: Pod, cgroup: Path, host: str, port: int, seconds: int,
-           streams: int = 1) -> float:
+def iperf3(
+    lab: Lab, pod: Pod, cgroup: Path, host: str, port: int, seconds: int, streams: int = 1
+) -> float:
     """Throughput in Gbit/s (receiver side)."""
-    proc = lab.spawn(pod, ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds),
-                           "-P", str(streams), "-J"], cgroup=cgroup, stdout=subprocess.PIPE)
+    proc = lab.spawn(
+        pod,
+        ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"],
+        cgroup=cgroup,
+        stdout=subprocess.PIPE,
+    )
     out, _ = proc.communicate(timeout=seconds + 30)
     report = json.loads(out)
     if "error" in report:
@@ -90,12 +112,24 @@ def iperf3(lab: Lab, pod: Pod, cgroup: Path, host: str, port: int, seconds: int,
 
 def start_servers(lab: Lab, pod: Pod, cgroup: Path, host: str, base: int) -> None:
     """sockperf pinned (base), sockperf unpinned (base+1), iperf3 (base+2)."""
-    lab.spawn(pod, ["taskset", "-c", "0", "sockperf", "server", "--tcp", "-i", host,
-                    "-p", str(base)], cgroup=cgroup, stdout=subprocess.DEVNULL)
-    lab.spawn(pod, ["sockperf", "server", "--tcp", "-i", host, "-p", str(base + 1)],
-              cgroup=cgroup, stdout=subprocess.DEVNULL)
-    lab.spawn(pod, ["iperf3", "-s", "-B", host, "-p", str(base + 2)], cgroup=cgroup,
-              stdout=subprocess.DEVNULL)
+    lab.spawn(
+        pod,
+        ["taskset", "-c", "0", "sockperf", "server", "--tcp", "-i", host, "-p", str(base)],
+        cgroup=cgroup,
+        stdout=subprocess.DEVNULL,
+    )
+    lab.spawn(
+        pod,
+        ["sockperf", "server", "--tcp", "-i", host, "-p", str(base + 1)],
+        cgroup=cgroup,
+        stdout=subprocess.DEVNULL,
+    )
+    lab.spawn(
+        pod,
+        ["iperf3", "-s", "-B", host, "-p", str(base + 2)],
+        cgroup=cgroup,
+        stdout=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         ss = lab.exec(pod.name, "ss", "-ltnH").stdout
@@ -133,13 +167,20 @@ def bench_dataplane(rounds: int, seconds: int) -> list[Metric]:
                     # Prove the path: the plugin side spliced, the baseline did not.
                     if (pairs > 0) != (side == "plugin"):
                         raise RuntimeError(f"round {r}: {side} made {pairs} pairs")
-                    for metric, value in ((lat_pin, pin["p50"]), (lat_pin99, pin["p99"]),
-                                          (lat, unpin["p50"]), (lat99, unpin["p99"]),
-                                          (tput, gbps)):
+                    for metric, value in (
+                        (lat_pin, pin["p50"]),
+                        (lat_pin99, pin["p99"]),
+                        (lat, unpin["p50"]),
+                        (lat99, unpin["p99"]),
+                        (tput, gbps),
+                    ):
                         getattr(metric, side).append(value)
-                print(f"  round {r + 1}/{rounds}: pinned p50 {lat_pin.baseline[-1]:.2f} -> "
-                      f"{lat_pin.plugin[-1]:.2f} us, throughput {tput.baseline[-1]:.1f} -> "
-                      f"{tput.plugin[-1]:.1f} Gbit/s", flush=True)
+                print(
+                    f"  round {r + 1}/{rounds}: pinned p50 {lat_pin.baseline[-1]:.2f} -> "
+                    f"{lat_pin.plugin[-1]:.2f} us, throughput {tput.baseline[-1]:.1f} -> "
+                    f"{tput.plugin[-1]:.1f} Gbit/s",
+                    flush=True,
+                )
     return [lat_pin, lat_pin99, lat, lat99, tput]
 
 
@@ -161,12 +202,16 @@ def machine() -> dict[str, object]:
 
 
 def markdown(metrics: list[Metric]) -> str:
-    lines = ["| metric | unit | baseline | plugin | ratio | target | met |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| metric | unit | baseline | plugin | ratio | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in metrics:
         j = m.as_json()
-        lines.append(f"| {m.name} | {m.unit} | {j['baseline']:.3g} | {j['plugin']:.3g} | "
-                     f"{m.ratio:.2f} | {m.target} | {'yes' if m.met else 'NO'} |")
+        lines.append(
+            f"| {m.name} | {m.unit} | {j['baseline']:.3g} | {j['plugin']:.3g} | "
+            f"{m.ratio:.2f} | {m.target} | {'yes' if m.met else 'NO'} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -220,9 +220,8 @@ class Dataplane:
             # programs when it is added, and sockops adds sockets.
             dp._attach(LINK_MSG, progs["ez_msg"], maps["ez_socks"], bpfsys.SK_MSG_VERDICT)
             if skb_verdict:
-                dp._attach(
-                    LINK_SKB, progs["ez_skb_verdict"], maps["ez_socks"], bpfsys.SK_SKB_STREAM_VERDICT
-                )
+                verdict = bpfsys.SK_SKB_STREAM_VERDICT
+                dp._attach(LINK_SKB, progs["ez_skb_verdict"], maps["ez_socks"], verdict)
             cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 dp._attach(LINK_SOCKOPS, progs["ez_sockops"], cg_fd, bpfsys.CGROUP_SOCK_OPS)
@@ -379,12 +378,11 @@ def uninstall(bpffs: Path = DEFAULT_BPFFS) -> UninstallReport:
     # 1. Kill switch first: paired sockets fall back to TCP on their next send,
     #    and what they already queued stays deliverable (their psock lives on).
     if "ez_config" in names:
-        with contextlib.suppress(DataplaneError, OSError):
-            with Dataplane.open(bpffs) as dp:
-                dp.set_enabled(False)
-                report.paired_sockets = sum(
-                    1 for s in dp.sockets().values() if s.state == layout.SockState.PAIRED
-                )
+        with contextlib.suppress(DataplaneError, OSError), Dataplane.open(bpffs) as dp:
+            dp.set_enabled(False)
+            report.paired_sockets = sum(
+                1 for s in dp.sockets().values() if s.state == layout.SockState.PAIRED
+            )
     # 2. Detach links: sockops first (no new sockets), then the map programs.
     for name in (LINK_SOCKOPS, LINK_SKB, LINK_MSG):
         if name not in names:

@@ -10,7 +10,6 @@ The initial network namespace and the root cgroup are never touched.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import secrets
 import signal
@@ -105,17 +104,29 @@ class Lab:
     def exec(self, netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run("ip", "netns", "exec", netns, *argv, check=check)
 
-    def add_pod(self) -> Pod:
+    def add_pod(self, cgroup_name: str | None = None) -> Pod:
+        """A pod netns on the bridge; with `cgroup_name`, also its own child cgroup."""
         n = len(self.pods) + 1
         pod = Pod(
             name=f"ezp-{self.tag}-{n}",
             ip4=f"{self.subnet4}.{10 + n}",
             ip6=f"{self.subnet6}{10 + n:x}",
-            cgroup=self.cgroup,
+            cgroup=self.child_cgroup(cgroup_name) if cgroup_name else self.cgroup,
         )
         self._add_netns(pod.name)
-        self.ip(self.node, "link", "add", f"v{n}", "type", "veth", "peer", "name", "eth0",
-                "netns", pod.name)
+        self.ip(
+            self.node,
+            "link",
+            "add",
+            f"v{n}",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            pod.name,
+        )
         self.ip(self.node, "link", "set", f"v{n}", "master", "br0", "up")
         self.ip(pod.name, "link", "set", "lo", "up")
         self.ip(pod.name, "addr", "add", f"{pod.ip4}/24", "dev", "eth0")
@@ -133,9 +144,9 @@ class Lab:
     def spawn(
         self, pod: Pod | str, argv: Sequence[str], cgroup: Path | None = None, **kw: object
     ) -> subprocess.Popen[bytes]:
-        """Start a process inside the pod's netns and the lab's cgroup (or `cgroup`)."""
+        """Start a process inside the pod's netns and the pod's cgroup (or `cgroup`)."""
         netns = Path("/run/netns") / (pod.name if isinstance(pod, Pod) else pod)
-        target = cgroup or self.cgroup
+        target = cgroup or (pod.cgroup if isinstance(pod, Pod) else self.cgroup)
         proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
             list(argv), preexec_fn=lambda: _enter(netns, target), **kw
         )

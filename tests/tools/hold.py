@@ -57,11 +57,9 @@ def client(host: str, port: int, size: int, src: str, sport: int, mark: int) -> 
         s.bind((src, sport))
     s.connect((host, port))
     tag = f"{src}:{sport}->{host}:{port}".encode()
-    rounds = 0
     exchange(s, (tag * (size // len(tag) + 1))[:size])
     print("held", flush=True)
-    for _line in sys.stdin:
-        rounds += 1
+    for rounds, _line in enumerate(sys.stdin, 1):
         exchange(s, os.urandom(size))
         print("round", rounds, flush=True)
     s.close()
