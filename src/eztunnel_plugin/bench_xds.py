@@ -1,0 +1,285 @@
+"""Control-plane benchmark: decode, first snapshot -> sink, one change -> sink, agent RSS.
+
+Runs FakeIstiod in-process on 127.0.0.1 and the real client, state and reconciler
+against it. Pass a sink factory to measure the real BPF endpoint map instead of the
+in-memory one. Timings are wall clock on this machine; nothing here asserts on them.
+
+    python -m eztunnel_plugin.bench_xds [--workloads 10000] [--local 1000] [--changes 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from eztunnel_plugin import log
+from eztunnel_plugin.fake_istiod import FakeIstiod, authorization_resource, workload_resource
+from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2
+from eztunnel_plugin.pb.istio.security import authorization_pb2 as authz_pb
+from eztunnel_plugin.pb.istio.workload import workload_pb2 as wl_pb
+from eztunnel_plugin.reconciler import EndpointSink, MemorySink, Reconciler
+from eztunnel_plugin.workload_state import ADDRESS_TYPE, AUTHORIZATION_TYPE, WorkloadState
+from eztunnel_plugin.xds_client import XdsClient, XdsConfig
+
+NODE = "bench-node"
+
+
+def _ip(i: int) -> bytes:
+    return bytes([10, (i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF])
+
+
+def make_workload(i: int, local: bool, ip_index: int | None = None) -> Any:
+    """A pod shaped like istiod's: uid, names, one IP, service ports, SA, node."""
+    w = wl_pb.Workload(
+        uid=f"Kubernetes//Pod/ns-{i % 50}/pod-{i}",
+        name=f"pod-{i}",
+        namespace=f"ns-{i % 50}",
+        addresses=[_ip(ip_index if ip_index is not None else i)],
+        node=NODE if local else f"node-{i % 97}",
+        tunnel_protocol=wl_pb.HBONE,
+        service_account=f"sa-{i % 20}",
+        canonical_name=f"app-{i % 200}",
+        canonical_revision="v1",
+        workload_type=wl_pb.POD,
+        workload_name=f"app-{i % 200}",
+        cluster_id="Kubernetes",
+        status=wl_pb.HEALTHY,
+    )
+    w.services[f"ns-{i % 50}/svc-{i % 200}.ns-{i % 50}.svc.cluster.local"].ports.add(
+        service_port=80, target_port=8080
+    )
+    return w
+
+
+def build_resources(n: int, local: int) -> dict[str, dict[str, Any]]:
+    step = max(1, n // max(1, local))
+    addrs = {}
+    for i in range(n):
+        res = workload_resource(make_workload(i, local=i % step == 0 and i // step < local))
+        addrs[res.name] = res
+    auth = authorization_resource(
+        authz_pb.Authorization(name="allow", namespace="istio-system", scope=authz_pb.GLOBAL)
+    )
+    return {ADDRESS_TYPE: addrs, AUTHORIZATION_TYPE: {auth.name: auth}}
+
+
+def bench_decode(n: int = 10_000, rounds: int = 20) -> dict[str, float]:
+    """Decode of one n-resource DeltaDiscoveryResponse, and decode + validate + apply."""
+    res = build_resources(n, n // 10)[ADDRESS_TYPE]
+    resp = discovery_pb2.DeltaDiscoveryResponse(
+        type_url=ADDRESS_TYPE, nonce="n", resources=list(res.values())
+    )
+    raw = resp.SerializeToString()
+    parse = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        discovery_pb2.DeltaDiscoveryResponse.FromString(raw)
+        parse.append(time.perf_counter() - t)
+    apply = []
+    decoded = discovery_pb2.DeltaDiscoveryResponse.FromString(raw)
+    for _ in range(max(3, rounds // 4)):
+        state = WorkloadState(NODE)
+        t = time.perf_counter()
+        result = state.apply(ADDRESS_TYPE, decoded.resources)
+        apply.append(time.perf_counter() - t)
+        if result.rejected:
+            raise RuntimeError(f"benchmark data rejected: {result.rejected[:3]}")
+    return {
+        "response_bytes": len(raw),
+        "decode_ms_median": statistics.median(parse) * 1000,
+        "decode_validate_apply_ms_median": statistics.median(apply) * 1000,
+    }
+
+
+class _TimedSink:
+    """Wraps a sink: remembers when each IP was last written and wakes a waiter."""
+
+    def __init__(self, inner: EndpointSink) -> None:
+        self.inner = inner
+        self.count = 0
+        self.last_write = 0.0
+        self.written: dict[str, float] = {}
+        self.changed = asyncio.Event()
+
+    def read_all(self) -> dict[str, int]:
+        return self.inner.read_all()
+
+    def put(self, ip: str, flags: int) -> None:
+        self.inner.put(ip, flags)
+        self.count += 1
+        self.last_write = self.written[ip] = time.perf_counter()
+        self.changed.set()
+
+    def delete(self, ip: str) -> None:
+        self.inner.delete(ip)
+        self.count += 1
+        self.last_write = self.written[ip] = time.perf_counter()
+        self.changed.set()
+
+
+class _TimedFake(FakeIstiod):
+    """Stamps each response just before the server writes it."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.sent_at: dict[str, float] = {}  # nonce -> perf_counter
+        self.last_sent_at = 0.0
+
+    def _send(self, st: Any, type_url: str, res: list[Any], removed: list[str]) -> None:
+        super()._send(st, type_url, res, removed)
+        self.last_sent_at = self.sent_at[st.last_nonce[type_url]] = time.perf_counter()
+
+
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def bench_pipeline(
+    n: int = 10_000,
+    local: int = 1_000,
+    changes: int = 200,
+    sink_factory: Callable[[], EndpointSink] | None = None,
+) -> dict[str, float]:
+    fake = _TimedFake(build_resources(n, local))
+    await fake.start("127.0.0.1:0")
+    state = WorkloadState(NODE)
+    cfg = XdsConfig(
+        node_id="ztunnel~127.0.0.1~bench.ns~ns.svc.cluster.local",
+        node_metadata={"NODE_NAME": NODE},
+        address=fake.address,
+        plaintext=True,
+        token_file=None,
+    )
+    client = XdsClient(cfg, state)
+    sink = _TimedSink(sink_factory() if sink_factory else MemorySink())
+    rec = Reconciler(state, sink)
+    tasks = [asyncio.create_task(client.run()), asyncio.create_task(rec.run())]
+    out: dict[str, float] = {}
+    try:
+        await asyncio.wait_for(client.synced.wait(), 30)
+        await asyncio.wait_for(rec.wait_applied(state.version), 30)
+        first = fake.records[0].responses[0]
+        if first.type_url != ADDRESS_TYPE or len(sink.read_all()) != local:
+            raise RuntimeError("first snapshot did not land as expected")
+        out["first_snapshot_to_sink_ms"] = (sink.last_write - fake.sent_at[first.nonce]) * 1000
+        out["first_snapshot_received_to_sink_ms"] = (
+            sink.last_write - client.stats.first_response_at
+        ) * 1000
+
+        # One local workload changes its IP per push: delete old + put new in the map.
+        lat = []
+        step = max(1, n // max(1, local))
+        for k in range(changes):
+            i = (k % local) * step
+            new_ip = n + 1 + k
+            res = workload_resource(make_workload(i, local=True, ip_index=new_ip))
+            ip_text = ".".join(str(b) for b in _ip(new_ip))
+            sink.changed.clear()
+            fake.update(ADDRESS_TYPE, add=[res])
+            for _ in range(1000):  # bounded: 1000 * 10 ms
+                if ip_text in sink.written:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(sink.changed.wait(), 0.01)
+                sink.changed.clear()
+            else:
+                raise RuntimeError(f"change {k} never reached the sink")
+            lat.append(sink.written[ip_text] - fake.last_sent_at)
+        out["change_to_sink_p50_ms"] = _pct(lat, 50) * 1000
+        out["change_to_sink_p99_ms"] = _pct(lat, 99) * 1000
+        out["change_to_sink_max_ms"] = max(lat) * 1000
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await fake.stop()
+    return out
+
+
+_AGENT_PROBE = """
+import asyncio, json, resource, sys
+from eztunnel_plugin.reconciler import MemorySink, Reconciler
+from eztunnel_plugin.workload_state import WorkloadState
+from eztunnel_plugin.xds_client import XdsClient, XdsConfig
+async def main():
+    state = WorkloadState(sys.argv[2])
+    cfg = XdsConfig(node_id="ztunnel~127.0.0.1~probe.ns~ns.svc.cluster.local",
+                    node_metadata={}, address=sys.argv[1], plaintext=True, token_file=None)
+    client = XdsClient(cfg, state)
+    rec = Reconciler(state, MemorySink())
+    tasks = [asyncio.create_task(client.run()), asyncio.create_task(rec.run())]
+    await asyncio.wait_for(client.synced.wait(), 60)
+    await asyncio.wait_for(rec.wait_applied(state.version), 60)
+    status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
+    print(json.dumps({"workloads": len(state.workloads),
+                      "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
+                      "hwm_mb": int(status["VmHWM"].split()[0]) / 1024}))
+    for t in tasks: t.cancel()
+asyncio.run(main())
+"""
+
+
+async def bench_agent_rss(n: int = 10_000, local: int = 1_000) -> dict[str, float]:
+    """RSS of a separate process running only client + state + reconciler, once synced."""
+    fake = FakeIstiod(build_resources(n, local))
+    await fake.start("127.0.0.1:0")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _AGENT_PROBE,
+            fake.address,
+            NODE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        stdout, _ = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        await fake.stop()
+    got = json.loads(stdout.decode().strip().splitlines()[-1])
+    return {"agent_rss_mb": got["rss_mb"], "agent_peak_rss_mb": got["hwm_mb"]}
+
+
+def run(
+    n: int = 10_000,
+    local: int = 1_000,
+    changes: int = 200,
+    sink_factory: Callable[[], EndpointSink] | None = None,
+    rss: bool = True,
+) -> dict[str, float]:
+    """Everything, printed one metric per line; returns the numbers."""
+    results: dict[str, float] = {}
+    results.update(bench_decode(n))
+    results.update(asyncio.run(bench_pipeline(n, local, changes, sink_factory)))
+    if rss:
+        results.update(asyncio.run(bench_agent_rss(n, local)))
+    print(f"xds control plane: {n} workloads, {local} on this node, {changes} single changes")
+    for key, value in results.items():
+        print(f"  {key:40s} {value:10.2f}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench_xds")
+    p.add_argument("--workloads", type=int, default=10_000)
+    p.add_argument("--local", type=int, default=1_000)
+    p.add_argument("--changes", type=int, default=200)
+    p.add_argument("--no-rss", action="store_true")
+    args = p.parse_args(argv)
+    log.configure(level="warning")
+    run(args.workloads, args.local, args.changes, rss=not args.no_rss)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""Reconciler: differences only, safe write order, fail closed, convergence, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eztunnel_plugin import bpfsys, dataplane, layout
+from eztunnel_plugin.reconciler import EZ_EP_ENROLLED, MemorySink, Reconciler, plan
+from eztunnel_plugin.workload_state import ADDRESS_TYPE, AUTHORIZATION_TYPE, WorkloadState
+from tests.xds_testlib import NODE, run, wl_res
+
+
+def complete_state(*ips: str) -> WorkloadState:
+    s = WorkloadState(NODE)
+    s.apply(ADDRESS_TYPE, [wl_res(f"u/{ip}", ip) for ip in ips])
+    s.mark_synced(ADDRESS_TYPE)
+    s.mark_synced(AUTHORIZATION_TYPE)
+    return s
+
+
+def test_enrolled_flag_matches_bpf_header() -> None:
+    assert EZ_EP_ENROLLED == 1
+
+
+def test_fail_closed_until_every_type_synced() -> None:
+    s = WorkloadState(NODE)
+    sink = MemorySink({"10.9.9.9": 1})  # left by a previous agent
+    rec = Reconciler(s, sink)
+    s.apply(ADDRESS_TYPE, [wl_res("u/a", "10.0.0.1")])
+    s.mark_synced(ADDRESS_TYPE)
+    assert rec.reconcile() is False
+    assert sink.entries == {"10.9.9.9": 1} and sink.ops == []  # untouched, nothing enrolled
+    s.mark_synced(AUTHORIZATION_TYPE)
+    assert rec.reconcile() is True
+    assert sink.entries == {"10.0.0.1": 1}
+    assert rec.applied_version == s.version
+    assert rec.reconcile() is False  # nothing new: no writes
+    assert len(sink.ops) == 2
+
+
+class OddSpellingSink(MemorySink):
+    """Reads back the same addresses spelled differently (v4-mapped, upper case)."""
+
+    def read_all(self) -> dict[str, int]:
+        odd = {"10.0.0.9": "::ffff:10.0.0.9", "fd00::1": "FD00:0::0001"}
+        return {odd.get(k, k): v for k, v in self.entries.items()}
+
+
+def test_converges_preexisting_map_and_orders_writes() -> None:
+    s = complete_state("10.0.0.1", "10.0.0.2", "fd00::1")
+    sink = OddSpellingSink(
+        {
+            "10.0.0.1": EZ_EP_ENROLLED,  # already right: no write
+            "10.0.0.2": EZ_EP_ENROLLED | 0b110,  # extra flag bits: narrowed
+            "10.0.0.9": EZ_EP_ENROLLED,  # gone: deleted
+            "fd00::1": 0,  # present without the flag: widened
+        }
+    )
+    Reconciler(s, sink).reconcile()
+    assert sink.entries == {"10.0.0.1": 1, "10.0.0.2": 1, "fd00::1": 1}
+    kinds = [(op, ip) for op, ip, _ in sink.ops]
+    assert sorted(kinds) == [("delete", "10.0.0.9"), ("put", "10.0.0.2"), ("put", "fd00::1")]
+    assert kinds[-1] == ("put", "fd00::1")  # reductions (delete, narrowing) come first
+
+
+def test_plan_splits_reduce_and_grow() -> None:
+    reduce, grow = plan({"a": 0b011, "b": 1, "c": 0b100}, {"a": 0b110, "b": 1, "d": 1})
+    assert sorted(reduce) == [("a", 0b010), ("c", 0)]
+    assert sorted(grow) == [("a", 0b110), ("d", 1)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    old=st.dictionaries(st.sampled_from("abcdef"), st.integers(0, 7)),
+    new=st.dictionaries(st.sampled_from("abcdef"), st.integers(1, 7)),
+)
+def test_every_intermediate_map_is_within_old_or_new(
+    old: dict[str, int], new: dict[str, int]
+) -> None:
+    m = dict(old)
+    reduce, grow = plan(old, new)
+    for ip, flags in reduce:
+        if flags:
+            m[ip] = flags
+        else:
+            m.pop(ip)
+        # while reducing, every entry grants at most what the old map granted
+        assert all(f & ~old.get(ip, 0) == 0 for ip, f in m.items())
+    for ip, flags in grow:
+        m[ip] = flags
+        # while growing, at most what the new map grants
+        assert all(f & ~new.get(ip, 0) == 0 for ip, f in m.items())
+    assert {k: v for k, v in m.items() if v} == new
+
+
+class FlakySink(MemorySink):
+    def __init__(self, fail_on: set[int]) -> None:
+        super().__init__()
+        self.calls = 0
+        self.fail_on = fail_on
+
+    def put(self, ip: str, flags: int) -> None:
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise OSError("E2BIG: map full")
+        super().put(ip, flags)
+
+
+def test_run_retries_sink_errors_and_follows_changes() -> None:
+    async def body() -> None:
+        s = complete_state("10.0.0.1", "10.0.0.2")
+        sink = FlakySink(fail_on={2, 3})
+        rec = Reconciler(s, sink, retry_initial=0.01, retry_max=0.02)
+        task = asyncio.create_task(rec.run())
+        try:
+            await asyncio.wait_for(rec.wait_applied(s.version), 5)
+            assert rec.errors == 2
+            assert sink.entries == {"10.0.0.1": 1, "10.0.0.2": 1}
+            s.apply(ADDRESS_TYPE, [wl_res("u/10.0.0.3", "10.0.0.3")], removed=["u/10.0.0.1"])
+            await asyncio.wait_for(rec.wait_applied(s.version), 5)
+            assert sink.entries == {"10.0.0.2": 1, "10.0.0.3": 1}
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    run(body())
+
+
+def test_resync_rereads_the_map() -> None:
+    s = complete_state("10.0.0.1")
+    sink = MemorySink()
+    rec = Reconciler(s, sink)
+    rec.reconcile()
+    sink.entries["10.6.6.6"] = 1  # someone wrote behind our back
+    del sink.entries["10.0.0.1"]
+    rec.reconcile()
+    assert "10.6.6.6" in sink.entries  # diffs only: no re-read without cause
+    rec.resync()
+    rec.reconcile()
+    assert sink.entries == {"10.0.0.1": 1}
+
+
+@pytest.mark.kernel
+def test_against_real_endpoint_map() -> None:
+    """The reconciler on dataplane.EndpointMap over an anonymous BPF hash map (no program)."""
+    try:
+        fd = bpfsys._bpf(
+            0,  # BPF_MAP_CREATE
+            bpfsys._attr(
+                (0, "=I", 1),  # BPF_MAP_TYPE_HASH
+                (4, "=I", ctypes.sizeof(layout.Addr)),
+                (8, "=I", ctypes.sizeof(layout.Endpoint)),
+                (12, "=I", 64),
+            ),
+            "map create",
+        )
+    except bpfsys.BpfError as e:
+        pytest.skip(f"cannot create a BPF map here: {e}")
+    try:
+        ep = dataplane.EndpointMap(fd)
+        ep.put("10.0.0.9", EZ_EP_ENROLLED)  # left by a previous agent, gone now
+        ep.put("10.0.0.2", EZ_EP_ENROLLED | 0b10)
+        s = complete_state("10.0.0.1", "10.0.0.2", "fd00::1")
+        rec = Reconciler(s, ep)
+        rec.reconcile()
+        assert ep.read_all() == {"10.0.0.1": 1, "10.0.0.2": 1, "fd00::1": 1}
+        s.apply(
+            ADDRESS_TYPE, [wl_res("u/::ffff:10.0.0.7", "::ffff:10.0.0.7")], removed=["u/fd00::1"]
+        )
+        rec.reconcile()
+        assert ep.read_all() == {"10.0.0.1": 1, "10.0.0.2": 1, "10.0.0.7": 1}
+    finally:
+        os.close(fd)
