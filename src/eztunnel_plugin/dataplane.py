@@ -18,6 +18,8 @@ import ctypes
 import errno
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -144,8 +146,13 @@ class Dataplane:
         obj: Path | None = None,
         capture_ports: tuple[int, ...] = layout.DEFAULT_CAPTURE_PORTS,
         skb_verdict: bool = False,
+        isolated: bool = False,
     ) -> Dataplane:
-        """Reuse complete pins under `bpffs`, or load, pin and attach from scratch."""
+        """Reuse complete pins under `bpffs`, or load, pin and attach from scratch.
+
+        isolated: load in a short-lived child process, so that pylibbpf (and the
+        llvmlite it imports) never take memory in a long-running agent.
+        """
         cgroup = cgroup or cgroup2_root()
         _check_bpffs_dir(bpffs)
         if not cgroup.is_dir():
@@ -160,7 +167,12 @@ class Dataplane:
             # Incomplete (an install died half-way): nothing attached depends on it.
             _log.warning("removing incomplete pins", bpffs=str(bpffs), pins=sorted(pinned))
             uninstall(bpffs)
-        dp = cls._install(bpffs, cgroup, obj or default_object(), capture_ports, skb_verdict)
+        if isolated:
+            _install_in_child(bpffs, cgroup, obj, capture_ports, skb_verdict)
+            dp = cls._reuse(bpffs, cgroup, expected)
+            dp.reused = False
+        else:
+            dp = cls._install(bpffs, cgroup, obj or default_object(), capture_ports, skb_verdict)
         _log.info("dataplane installed", bpffs=str(bpffs), cgroup=str(cgroup))
         return dp
 
@@ -413,3 +425,37 @@ def uninstall(bpffs: Path = DEFAULT_BPFFS) -> UninstallReport:
         live_paired_sockets=report.paired_sockets,
     )
     return report
+
+
+def _install_in_child(
+    bpffs: Path,
+    cgroup: Path,
+    obj: Path | None,
+    capture_ports: tuple[int, ...],
+    skb_verdict: bool,
+) -> None:
+    ports = ",".join(map(str, capture_ports))
+    argv = [sys.executable, "-m", "eztunnel_plugin.dataplane", str(bpffs), str(cgroup), ports,
+            str(obj or ""), "1" if skb_verdict else "0"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or ["no output"]
+        raise DataplaneError(f"loading the BPF object failed: {lines[-1]}")
+
+
+def _child_main(argv: list[str]) -> int:
+    """The isolated loader: install, pin, attach, exit (the pins keep everything)."""
+    bpffs, cgroup, ports, obj, skb = argv
+    try:
+        Dataplane._install(
+            Path(bpffs), Path(cgroup), Path(obj) if obj else default_object(),
+            tuple(int(p) for p in ports.split(",")), skb == "1",
+        ).close()  # fmt: skip
+    except (DataplaneError, OSError) as e:
+        print(f"{e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
