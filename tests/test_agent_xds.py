@@ -4,6 +4,7 @@ and the inspection API through the real grpcurl."""
 from __future__ import annotations
 
 import json
+import urllib.request
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -220,3 +221,41 @@ def test_grpcurl_reflection_and_every_method(lab: Lab, istiod: Istiod, agent: Ag
         watch.kill()
         watch.wait(timeout=10)
     finish_hold(flow, rounds=1)
+
+
+def test_stale_feed_turns_health_off_and_back(lab: Lab, tmp_path: Path) -> None:
+    a = lab.add_pod()
+    server = Istiod(lab, tmp_path / "w.yaml")
+    server.push([workload(a, "a")])
+    metrics = f"127.0.0.1:{free_port()}"
+    agent = AgentProc(lab, "--xds-address", server.addr, "--xds-plaintext", "--node-name", NODE,
+                      "--xds-stale-after", "1", "--metrics-listen", metrics,
+                      env={**ENV, "AUTH_TOKEN": "s3cr3t-token-value"})  # fmt: skip
+    try:
+        agent.wait_serving()
+        body = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
+        assert "eztunnel_ready 1" in body and 'eztunnel_bpf_total{counter="pairs"}' in body
+        assert "eztunnel_endpoints 2" in body
+
+        server.proc.kill()
+        server.proc.wait(timeout=10)
+        wait_for(lambda: agent.cli("health", check=False).returncode == 1, timeout=15,
+                 what="NOT_SERVING while stale")  # fmt: skip
+        status = agent.cli_json("status")
+        assert status["xds"]["stale"] is True and status["xds"]["connected"] is False
+        assert set(enrolled(agent)) == {a.ip4, a.ip6}  # live state kept, nothing flushed
+
+        restarted = subprocess.Popen(server.proc.args, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            wait_for(lambda: agent.cli("health", check=False).returncode == 0, timeout=30,
+                     what="SERVING again after reconnect")  # fmt: skip
+        finally:
+            restarted.kill()
+            restarted.wait(timeout=10)
+    finally:
+        agent.proc.terminate()
+        _, err = agent.proc.communicate(timeout=10)
+    log = err.decode()
+    assert '"event": "xds.stale"' in log  # JSON logs, one event per state change
+    assert "s3cr3t-token-value" not in log
