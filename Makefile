@@ -7,6 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PKG := src/eztunnel_plugin
 BPF_OBJ := $(PKG)/data/eztunnel.bpf.o
+SIMMARK_OBJ := $(PKG)/data/simmark.bpf.o
 VMLINUX := bpf/vmlinux.h
 STAMP := build/stamps
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 iptables iperf3 sockperf \
@@ -53,14 +54,21 @@ $(BPF_OBJ): bpf/eztunnel.bpf.c bpf/eztunnel.h $(VMLINUX)
 	clang -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_x86 -Wall -Werror \
 	  -I bpf -c bpf/eztunnel.bpf.c -o $@
 
+# The simulator's stand-in for ztunnel's SO_MARK (a cgroup sock_create program).
+$(SIMMARK_OBJ): bpf/simmark.bpf.c $(VMLINUX)
+	@mkdir -p $(dir $@)
+	clang -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_x86 -Wall -Werror \
+	  -I bpf -c bpf/simmark.bpf.c -o $@
+
 $(PROTO_STAMP): $(PROTOS) $(STAMP)/venv
-	find $(PKG)/pb -mindepth 1 -not -name __init__.py -delete
+	find $(PKG)/pb -mindepth 1 -type f -not -path $(PKG)/pb/__init__.py -delete
+	find $(PKG)/pb -mindepth 1 -type d -empty -delete
 	$(PY) -m grpc_tools.protoc -Ieztunnel_plugin/pb=proto --python_out=src --pyi_out=src \
 	  --grpc_python_out=src $(PROTOS)
 	find $(PKG)/pb -type d -exec touch {}/__init__.py \;
 	@touch $@
 
-build: deps $(BPF_OBJ) $(PROTO_STAMP)
+build: deps $(BPF_OBJ) $(SIMMARK_OBJ) $(PROTO_STAMP)
 
 # --- checks -------------------------------------------------------------------
 lint: build
@@ -83,4 +91,5 @@ bench: build
 
 clean:
 	rm -rf build $(PKG)/data $(VMLINUX) node_modules
-	find $(PKG)/pb -mindepth 1 -not -name __init__.py -delete
+	find $(PKG)/pb -mindepth 1 -type f -not -path $(PKG)/pb/__init__.py -delete
+	find $(PKG)/pb -mindepth 1 -type d -empty -delete

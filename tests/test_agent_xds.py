@@ -4,9 +4,9 @@ and the inspection API through the real grpcurl."""
 from __future__ import annotations
 
 import json
-import urllib.request
 import shutil
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any

@@ -31,29 +31,47 @@ from eztunnel_plugin.netlab import Lab, Pod
 class Metric:
     name: str
     unit: str
-    target: str  # e.g. "<= 0.55" on the ratio plugin/baseline
+    target: str  # e.g. "<= 0.55" on the ratio plugin/baseline; "" for information only
     baseline: list[float] = field(default_factory=list)
     plugin: list[float] = field(default_factory=list)
+    absolute: bool = False  # target on the plugin's own value (e.g. "< 60" MB), no baseline
+    failures: list[str] = field(default_factory=list)  # runs that failed (recorded as 0)
+    note: str = ""  # context a reader needs (e.g. what was not spliced and why)
 
     @property
-    def ratio(self) -> float:
+    def ratio(self) -> float | None:
+        if self.absolute or not self.baseline or not self.plugin:
+            return None
         return statistics.median(self.plugin) / statistics.median(self.baseline)
 
     @property
-    def met(self) -> bool:
-        op, _, value = self.target.partition(" ")
-        return self.ratio <= float(value) if op == "<=" else self.ratio >= float(value)
+    def met(self) -> bool | None:
+        """None when the metric has no target (information only). A run that failed
+        never meets a target, whatever the median of the others says."""
+        if not self.target:
+            return None
+        op, _, text = self.target.partition(" ")
+        value = statistics.median(self.plugin) if self.absolute else self.ratio
+        if value is None or self.failures:
+            return False
+        limit = float(text)
+        return {"<=": value <= limit, "<": value < limit, ">=": value >= limit, ">": value > limit}[
+            op
+        ]
 
     def as_json(self) -> dict[str, object]:
+        ratio = self.ratio
         return {
             "unit": self.unit,
-            "baseline": statistics.median(self.baseline),
+            "baseline": statistics.median(self.baseline) if self.baseline else None,
             "plugin": statistics.median(self.plugin),
-            "ratio": round(self.ratio, 3),
-            "target": self.target,
+            "ratio": round(ratio, 3) if ratio is not None else None,
+            "target": self.target or None,
             "met": self.met,
             "baseline_samples": self.baseline,
             "plugin_samples": self.plugin,
+            "failures": self.failures,
+            "note": self.note,
         }
 
 
@@ -184,8 +202,15 @@ def bench_dataplane(rounds: int, seconds: int) -> list[Metric]:
     return [lat_pin, lat_pin99, lat, lat99, tput]
 
 
+def _ambient(args: argparse.Namespace) -> list[Metric]:
+    from eztunnel_plugin.bench_ambient import bench_ambient  # imports this module
+
+    return bench_ambient(args.rounds, args.seconds)
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[Metric]]] = {
     "dataplane": lambda a: bench_dataplane(a.rounds, a.seconds),
+    "ambient": _ambient,
 }
 
 
@@ -201,17 +226,34 @@ def machine() -> dict[str, object]:
     }
 
 
+def _fmt(values: list[float]) -> str:
+    return f"{statistics.median(values):.3g}" if values else "-"
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.3g}..{max(values):.3g}" if len(values) > 1 else "-"
+
+
 def markdown(metrics: list[Metric]) -> str:
     lines = [
-        "| metric | unit | baseline | plugin | ratio | target | met |",
-        "|---|---|---|---|---|---|---|",
+        "| metric | unit | baseline | plugin | ratio | target | met | spread baseline "
+        "| spread plugin |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in metrics:
-        j = m.as_json()
+        ratio = m.ratio
+        met = {None: "", True: "yes", False: "NO"}[m.met]
         lines.append(
-            f"| {m.name} | {m.unit} | {j['baseline']:.3g} | {j['plugin']:.3g} | "
-            f"{m.ratio:.2f} | {m.target} | {'yes' if m.met else 'NO'} |"
+            f"| {m.name} | {m.unit} | {_fmt(m.baseline)} | {_fmt(m.plugin)} | "
+            f"{f'{ratio:.2f}' if ratio is not None else '-'} | {m.target or '-'} | "
+            f"{met} | {_spread(m.baseline)} | {_spread(m.plugin)} |"
         )
+    for m in metrics:
+        if m.failures:
+            failed = "; ".join(sorted(set(m.failures)))
+            lines.append(f"\n{m.name}: {len(m.failures)} failed run(s), recorded as 0: {failed}")
+        if m.note:
+            lines.append(f"\n{m.name}: {m.note}")
     return "\n".join(lines) + "\n"
 
 
@@ -228,23 +270,41 @@ def results_dir(root: Path) -> Iterator[Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="eztunnel-plugin bench")
     p.add_argument("sections", nargs="+", choices=[*SECTIONS, "all"])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=int, default=3, help="per measurement")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     args = p.parse_args(argv)
     names = list(SECTIONS) if "all" in args.sections else args.sections
-    metrics: list[Metric] = []
+    sections: dict[str, list[Metric]] = {}
+    started = time.monotonic()
     for name in names:
         print(f"== {name}", flush=True)
-        metrics += SECTIONS[name](args)
+        sections[name] = SECTIONS[name](args)
+    metrics = [m for ms in sections.values() for m in ms]
     with results_dir(args.out) as out:
-        doc = {"machine": machine(), "metrics": {m.name: m.as_json() for m in metrics}}
+        doc = {
+            "machine": machine() | {"bench_seconds": round(time.monotonic() - started)},
+            "metrics": {m.name: m.as_json() for m in metrics},
+        }
         (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
         (out / "results.md").write_text(markdown(metrics))
+        charts = _charts(sections, out)
     print(markdown(metrics))
-    met = sum(m.met for m in metrics)
-    print(f"bench: {met}/{len(metrics)} targets met; results in {out}")
+    if charts:
+        print(f"charts: {', '.join(charts)}")
+    targets = [m for m in metrics if m.met is not None]
+    met = sum(1 for m in targets if m.met)
+    print(f"bench: {met}/{len(targets)} targets met; results in {out}")
     return 0
+
+
+def _charts(sections: dict[str, list[Metric]], out: Path) -> list[str]:
+    try:
+        from eztunnel_plugin import benchplot
+    except ImportError as e:  # matplotlib is a dev extra; results stay valid without it
+        print(f"no charts: {e}", file=sys.stderr)
+        return []
+    return benchplot.write_all(sections, out)
 
 
 if __name__ == "__main__":

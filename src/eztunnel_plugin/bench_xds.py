@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
+import socket
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from eztunnel_plugin import log
@@ -206,48 +207,50 @@ async def bench_pipeline(
     return out
 
 
-_AGENT_PROBE = """
-import asyncio, json, resource, sys
-from eztunnel_plugin.reconciler import MemorySink, Reconciler
-from eztunnel_plugin.workload_state import WorkloadState
-from eztunnel_plugin.xds_client import XdsClient, XdsConfig
-async def main():
-    state = WorkloadState(sys.argv[2])
-    cfg = XdsConfig(node_id="ztunnel~127.0.0.1~probe.ns~ns.svc.cluster.local",
-                    node_metadata={}, address=sys.argv[1], plaintext=True, token_file=None)
-    client = XdsClient(cfg, state)
-    rec = Reconciler(state, MemorySink())
-    tasks = [asyncio.create_task(client.run()), asyncio.create_task(rec.run())]
-    await asyncio.wait_for(client.synced.wait(), 60)
-    await asyncio.wait_for(rec.wait_applied(state.version), 60)
-    status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
-    print(json.dumps({"workloads": len(state.workloads),
-                      "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
-                      "hwm_mb": int(status["VmHWM"].split()[0]) / 1024}))
-    for t in tasks: t.cancel()
-asyncio.run(main())
-"""
-
-
 async def bench_agent_rss(n: int = 10_000, local: int = 1_000) -> dict[str, float]:
-    """RSS of a separate process running only client + state + reconciler, once synced."""
+    """RSS of the real agent (`eztunnel-plugin run`: BPF, xDS, API) once it is ready."""
+    from eztunnel_plugin.netlab import Lab  # the lab gives a private cgroup and bpffs dir
+
     fake = FakeIstiod(build_resources(n, local))
     await fake.start("127.0.0.1:0")
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            _AGENT_PROBE,
-            fake.address,
-            NODE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        stdout, _ = await asyncio.wait_for(proc.communicate(), 120)
+        with Lab() as lab:
+            return await _agent_rss(lab.cgroup, lab.bpffs, fake.address, local)
     finally:
         await fake.stop()
-    got = json.loads(stdout.decode().strip().splitlines()[-1])
-    return {"agent_rss_mb": got["rss_mb"], "agent_peak_rss_mb": got["hwm_mb"]}
+
+
+async def _agent_rss(cgroup: Path, bpffs: Path, xds: str, local: int) -> dict[str, float]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        api = f"127.0.0.1:{s.getsockname()[1]}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "eztunnel_plugin", "run", "--xds-address", xds, "--xds-plaintext",
+        "--node-name", NODE, "--cgroup", str(cgroup), "--bpffs", str(bpffs),
+        "--grpc-listen", api, "--log-level", "warning",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # bounded: 60 s
+            check = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "eztunnel_plugin", "health", "--grpc-addr", api,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            if await check.wait() == 0:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise RuntimeError("the agent never became ready")
+        await asyncio.sleep(1.0)  # settle: the first snapshot is the peak
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+        )
+        kb = {k: int(status[k].split()[0]) for k in ("VmRSS", "VmHWM")}
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
+    return {"agent_rss_mb": kb["VmRSS"] / 1024, "agent_peak_rss_mb": kb["VmHWM"] / 1024,
+            "agent_local_endpoints": float(local)}  # fmt: skip
 
 
 def run(

@@ -106,14 +106,39 @@ def build_parser() -> argparse.ArgumentParser:
     _fake_istiod_arguments(fake)
 
     demo = sub.add_parser("demo", help="build a simulated node and show splicing live")
+    _add_demo_arguments(demo)
     demo.set_defaults(func=cmd_demo)
+
+    sim = sub.add_parser("sim", help="a simulated ambient node (pods, istio-cni rules, proxy)")
+    _add_sim_arguments(sim)
+    sim.set_defaults(func=cmd_sim)
     return p
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from eztunnel_plugin import demo
 
-    return demo.main(args)
+    code: int = demo.main(args)
+    return code
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from eztunnel_plugin import sim
+
+    code: int = sim.main(args)
+    return code
+
+
+def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    from eztunnel_plugin import demo
+
+    demo.add_arguments(p)
+
+
+def _add_sim_arguments(p: argparse.ArgumentParser) -> None:
+    from eztunnel_plugin import sim
+
+    sim.add_arguments(p)
 
 
 def _fake_istiod_arguments(p: argparse.ArgumentParser) -> None:

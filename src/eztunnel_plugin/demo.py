@@ -1,0 +1,234 @@
+"""`eztunnel-plugin demo` (`make demo`): a simulated ambient node, before and after the agent.
+
+Builds a two-pod ambient node (sim.py), measures it as plain ambient, starts the
+agent against the simulated istiod exactly as in production, shows what the agent
+did through its own CLI, measures again, prints a before/after table and removes
+everything. Needs root; no terminal needed; exit 0 when every step worked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+from eztunnel_plugin import bench_ambient as ba
+from eztunnel_plugin import log
+from eztunnel_plugin.sim import AGENT_API, PY, AmbientNode, SimError, describe
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seconds", type=int, default=2, help="per measurement (default 2)")
+
+
+def para(text: str) -> None:
+    print(textwrap.fill(" ".join(text.split()), width=88), flush=True)
+
+
+def say(title: str, text: str = "") -> None:
+    print(f"\n=== {title}", flush=True)
+    if text:
+        para(text)
+
+
+def show(node: AmbientNode, command: str, *extra: str) -> str:
+    """Run one agent CLI command inside the node and print it as the user would type it."""
+    print(
+        f"\n$ ip netns exec {node.lab.node} eztunnel-plugin {command} "
+        f"--grpc-addr {AGENT_API} {' '.join(extra)}".rstrip(),
+        flush=True,
+    )
+    r = node.cli(command, *extra)
+    print((r.stdout or r.stderr).rstrip(), flush=True)
+    if r.returncode != 0:
+        raise SimError(f"eztunnel-plugin {command} failed ({r.returncode}): {r.stderr.strip()}")
+    return r.stdout
+
+
+def integrity(node: AmbientNode) -> str:
+    """16 connections, 1 B..1 MB each way, SHA-256 checked at both ends."""
+    cli, srv = node.pods[0], node.pods[1]
+    proc = node.spawn(
+        cli,
+        [
+            PY,
+            "-m",
+            "eztunnel_plugin.flowcheck",
+            "client",
+            "--connect",
+            srv.ip,
+            "--port",
+            "9000",
+            "--conns",
+            "16",
+            "--timeout",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = proc.communicate(timeout=90)
+    if proc.returncode != 0:
+        raise SimError(f"data check failed: {out.decode()[-500:]} {err.decode()[-500:]}")
+    return "intact (16 flows, SHA-256)"
+
+
+def measure(side: ba.Side, seconds: int) -> dict[str, str | float]:
+    node = side.node
+    pin = ba.proven(side, 1, lambda: ba.latency(node, True, seconds))
+    unpin = ba.proven(side, 1, lambda: ba.latency(node, False, seconds))
+    flows = ba.proven(side, 10, lambda: ba.fct(node, 200, seconds / 2, (102400, 1 << 20)))
+    cpu, paced = ba.proven(side, 2, lambda: ba.paced_cpu(node, seconds))
+    if paced.error:
+        raise SimError(f"paced flow failed: {paced.error}")
+    data = ba.proven(side, 16, lambda: integrity(node))
+    return {
+        "latency p50, path pinned to 1 CPU (us)": pin["p50"],
+        "latency p50, unpinned (us)": unpin["p50"],
+        "100 KB flow completion p50 (ms)": flows["102400"]["p50_us"] / 1000,
+        "1 MB flow completion p50 (ms)": flows[str(1 << 20)]["p50_us"] / 1000,
+        f"node CPU per GB at {ba.CPU_RATE}bit/s (CPU s)": cpu / (paced.bytes / 1e9),
+        "data through every hop": data,
+    }
+
+
+def table(before: dict[str, str | float], after: dict[str, str | float]) -> str:
+    rows = [("", "ambient", "+ eztunnel-plugin", "after/before")]
+    for key, b in before.items():
+        a = after[key]
+        if isinstance(a, float) and isinstance(b, float):
+            rows.append((key, f"{b:.3g}", f"{a:.3g}", f"{a / b:.2f}x"))
+        else:
+            rows.append((key, str(b), str(a), ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def leftovers(node: AmbientNode) -> list[str]:
+    tag = node.lab.tag
+    names = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=False
+    ).stdout
+    left = [line.split()[0] for line in names.splitlines() if tag in line]
+    left += [str(p) for p in (node.lab.cgroup, node.lab.bpffs, node.workdir) if p.exists()]
+    return left
+
+
+def run(seconds: int) -> int:
+    node = AmbientNode(("client", "server"), agent=False)
+    try:
+        with node:
+            say(
+                "1. A simulated ambient node",
+                """Two pods (network namespaces on a bridge, each
+                in its own cgroup) with istio-cni's in-pod REDIRECT rules; a ztunnel stand-in
+                (one HAProxy process listening inside each pod on 15001/15006/15008, mutual TLS
+                between the pods, transparent source towards the app, every socket marked
+                0x539); and a simulated istiod that lists both pods as in-mesh workloads of
+                this node.""",
+            )
+            print(describe(node), flush=True)
+            ba.start_servers(node)
+            srv = node.pods[1]
+            node.spawn(
+                srv,
+                [PY, "-m", "eztunnel_plugin.flowcheck", "server", "--port", "9000"],
+                stdout=subprocess.DEVNULL,
+            )
+            node.wait_until(
+                lambda: ":9000 " in node.lab.exec(srv.netns, "ss", "-ltnH").stdout,
+                15,
+                "the data-check server",
+            )
+            say(
+                "2. Before: plain ambient",
+                f"""client -> server traffic: every connection
+                crosses the kernel's TCP/IP stack three times (app -> ztunnel, ztunnel ->
+                ztunnel over mTLS, ztunnel -> app). Each measurement below is checked against
+                HAProxy's connection counters, so it really went through the stand-in.
+                ({seconds} s per measurement)""",
+            )
+            before = measure(ba.Side("baseline", node), seconds)
+            print("done: " + ", ".join(f"{k} {_v(v)}" for k, v in before.items()), flush=True)
+
+            say(
+                "3. Start the agent",
+                """`eztunnel-plugin run` as in production: it loads
+                the BPF programs into the node's cgroup, subscribes to istiod over delta xDS,
+                and puts the in-mesh pods of this node into its endpoint map.""",
+            )
+            node.start_agent()
+            show(node, "status")
+            show(node, "endpoints")
+
+            say(
+                "4. Live: what the agent splices",
+                """A flow runs client -> server (paced at
+                500 Mbit/s for 4 s). One application connection is six sockets; the agent
+                pairs them three times: app <-> ztunnel in the client pod (rule `capture`,
+                found through the REDIRECT), ztunnel <-> ztunnel across the pods (the mTLS
+                leg, `cross_mirror`), and ztunnel <-> app in the server pod
+                (`netns_mirror`). iperf3 opens a control and a data connection: 6 pairs.""",
+            )
+            cli = node.pods[0]
+            flow = node.spawn(
+                cli,
+                ["iperf3", "-c", srv.ip, "-p", str(ba.IPERF_PORT), "-t", "4", "-b", "500M"],
+                stdout=subprocess.DEVNULL,
+            )
+            time.sleep(1.5)
+            show(node, "flows")
+            if flow.wait(timeout=30) != 0:
+                raise SimError("the live flow failed")
+            show(node, "stats")
+
+            say(
+                "5. After: the same measurements with the agent",
+                """Now every hop is
+                spliced: bytes go socket to socket inside the kernel. HAProxy still
+                terminates and re-encrypts TLS and still counts every connection.""",
+            )
+            after = measure(ba.Side("plugin", node), seconds)
+            say("6. Before / after")
+            print(table(before, after), flush=True)
+            para("""Latency gains are largest with the path pinned to
+                one CPU: unpinned, a cross-CPU wake-up costs ~30 us on this VM and is not
+                removed. Known limit: a bulk sender that is faster than the proxy is not
+                slowed down by a spliced socket (no backpressure on the in-kernel queue), and
+                gets ENOMEM once the kernel's TCP memory is exhausted; `make bench` measures
+                and reports it. The paced flow above stays below the proxy's speed.""")
+            say(
+                "7. Clean up",
+                "Stopping the agent, removing its pins, the pods, the "
+                "stand-in, istiod, the cgroups and the namespaces.",
+            )
+    except SimError as e:
+        print(f"\ndemo failed: {e}", file=sys.stderr, flush=True)
+        return 1
+    left = leftovers(node)
+    if left:
+        print(f"left behind: {left}", file=sys.stderr)
+        return 1
+    print("everything removed; demo finished.", flush=True)
+    return 0
+
+
+def _v(value: str | float) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else value
+
+
+def main(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        print("eztunnel-plugin demo: needs root (namespaces, cgroups, BPF)", file=sys.stderr)
+        return 2
+    log.configure("console", "warning")
+    seconds = int(getattr(args, "seconds", 2))
+    started = time.monotonic()
+    code = run(seconds)
+    print(f"({time.monotonic() - started:.0f} s)", flush=True)
+    return code

@@ -1,0 +1,553 @@
+"""A simulated Istio ambient node: pods, istio-cni's in-pod rules, a ztunnel stand-in,
+istiod, and (optionally) the agent, all inside namespaces and cgroups it creates.
+
+    eztunnel-plugin sim --pods 2 --check     # build, send traffic through it, report, remove
+
+Layout (everything carries the lab's tag and is removed by close(), even on failure):
+
+- node netns `ezn-<tag>` with a bridge; pod netns `ezp-<tag>-N` (10.240.0.1N) on it;
+- cgroups under `<cgroup2>/eztest-<tag>/`: `pod-<name>` per pod (the apps),
+  `ztunnel` (the stand-in, with simmark's sock_create program: mark 0x539),
+  `agent` (eztunnel-plugin run), `istiod` (the fake istiod, not part of the node);
+- in every pod netns the rules of istio-cni REDIRECT mode (inpod.py);
+- HAProxy (standin.py) in the node netns, listening inside every pod netns;
+- the fake istiod and the agent in the node netns, on its private loopback (so
+  the default ports never collide with anything on the host): istiod serves the
+  pods as in-mesh workloads of this node; the agent attaches its programs to the
+  lab's cgroup, which holds the pods and the stand-in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from eztunnel_plugin import dataplane, inpod, simmark, simpki, standin
+from eztunnel_plugin.netlab import Lab, Pod
+
+PY = sys.executable
+AGENT_API = "127.0.0.1:15081"
+ISTIOD_ADDR = "127.0.0.1:15010"
+NAMESPACE = "default"
+
+
+class SimError(RuntimeError):
+    """The simulated node could not be built or did not behave as ambient does."""
+
+
+@dataclass
+class SimPod:
+    name: str  # workload name
+    pod: Pod
+
+    @property
+    def uid(self) -> str:
+        return f"Kubernetes//Pod/{NAMESPACE}/{self.name}"
+
+    @property
+    def netns(self) -> str:
+        return self.pod.name
+
+    @property
+    def ip(self) -> str:
+        return self.pod.ip4
+
+    @property
+    def cgroup(self) -> Path:
+        return self.pod.cgroup
+
+
+@dataclass
+class AmbientNode:
+    """One simulated ambient node. Use as a context manager (or call start/close)."""
+
+    pod_names: Sequence[str] = ("client", "server")
+    agent: bool = True  # start istiod + the agent in start(); else call start_agent()
+    tag: str | None = None
+    lab: Lab = field(init=False)
+    pods: list[SimPod] = field(default_factory=list)
+    workdir: Path = field(init=False)
+    haproxy: subprocess.Popen[bytes] | None = None
+    istiod: subprocess.Popen[bytes] | None = None
+    agent_proc: subprocess.Popen[bytes] | None = None
+    _mark_link: int | None = None
+
+    def __post_init__(self) -> None:
+        self.lab = Lab(tag=self.tag) if self.tag else Lab()
+        self.node_name = f"sim-node-{self.lab.tag}"
+        # Created by start(), removed by close(): a node never started leaves nothing.
+        self.workdir = Path(tempfile.gettempdir()) / f"ezsim-{self.lab.tag}"
+        self.stats_socket = self.workdir / "haproxy.sock"
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    def __enter__(self) -> AmbientNode:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self.workdir.mkdir(mode=0o700)
+        self.lab.start()
+        self.lab.ip(self.lab.node, "addr", "add", "10.240.0.1/24", "dev", "br0")
+        for name in self.pod_names:
+            pod = SimPod(name, self.lab.add_pod(cgroup_name=f"pod-{name}"))
+            inpod.install(pod.netns)
+            self.pods.append(pod)
+        self._start_standin()
+        if self.agent:
+            self.start_agent()
+
+    def close(self) -> None:
+        """Remove everything, whatever state start() reached. Never raises for leftovers
+        it can still remove; the lab's own close() does the netns/cgroup/pin work."""
+        with contextlib.suppress(Exception):
+            self.stop_agent()
+        if self._mark_link is not None:
+            simmark.detach(self._mark_link)
+            self._mark_link = None
+        try:
+            self.lab.close()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ---- the ztunnel stand-in ------------------------------------------------------
+
+    @property
+    def ztunnel_cgroup(self) -> Path:
+        return self.lab.cgroup / "ztunnel"
+
+    def _start_standin(self) -> None:
+        ca = simpki.MeshCA.create(self.workdir / "pki")
+        tls = [
+            standin.PodTls(p.name, p.netns, ca.issue(p.name, NAMESPACE, p.name, p.ip))
+            for p in self.pods
+        ]
+        cfg = self.workdir / "haproxy.cfg"
+        cfg.write_text(standin.config(tls, ca.ca_file, self.stats_socket))
+        check = subprocess.run(
+            ["haproxy", "-c", "-q", "-f", str(cfg)], capture_output=True, text=True, check=False
+        )
+        if check.returncode != 0:
+            raise SimError(f"haproxy rejected {cfg}: {check.stderr.strip()}")
+        cgroup = self.lab.child_cgroup("ztunnel")
+        # Marks first: the listeners HAProxy opens at start must carry 0x539 too.
+        self._mark_link = simmark.attach(cgroup)
+        log = (self.workdir / "haproxy.log").open("wb")
+        self.haproxy = self.lab.spawn(
+            self.lab.node,
+            ["haproxy", "-db", "-f", str(cfg)],
+            cgroup=cgroup,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.wait_until(
+            lambda: self.stats_socket.exists() and self._listening(),
+            15,
+            "the stand-in's listeners",
+            self.haproxy,
+        )
+
+    def _listening(self) -> bool:
+        want = {
+            f":{p}" for p in (inpod.OUTBOUND_PORT, inpod.INBOUND_PLAINTEXT_PORT, inpod.INBOUND_PORT)
+        }
+        for pod in self.pods:
+            out = self.lab.exec(pod.netns, "ss", "-ltnH").stdout
+            if not all(f"{w} " in out for w in want):
+                return False
+        return True
+
+    def standin_stats(self) -> dict[str, standin.ProxyStat]:
+        return standin.stats(self.stats_socket)
+
+    # ---- istiod and the agent ------------------------------------------------------
+
+    @property
+    def agent_cgroup(self) -> Path:
+        return self.lab.cgroup / "agent"
+
+    def workloads_yaml(self) -> str:
+        return yaml.safe_dump(
+            {
+                "workloads": [
+                    {
+                        "uid": p.uid,
+                        "name": p.name,
+                        "namespace": NAMESPACE,
+                        "addresses": [p.ip],
+                        "node": self.node_name,
+                        "tunnel_protocol": "HBONE",
+                        "service_account": p.name,
+                    }
+                    for p in self.pods
+                ],
+                "services": [],
+                "authorizations": [],
+            },
+            sort_keys=False,
+        )
+
+    def start_agent(self) -> None:
+        """Start the fake istiod (once) and `eztunnel-plugin run` as in production."""
+        if self.istiod is None:
+            wl = self.workdir / "workloads.yaml"
+            wl.write_text(self.workloads_yaml())
+            self.istiod = self._spawn_logged(
+                "istiod",
+                [
+                    PY,
+                    "-m",
+                    "eztunnel_plugin",
+                    "fake-istiod",
+                    "--workloads",
+                    str(wl),
+                    "--listen",
+                    ISTIOD_ADDR,
+                ],
+                self.lab.child_cgroup("istiod"),
+            )
+        # The projected service-account token ztunnel's chart mounts (istiod ignores it
+        # here, but the agent reads it exactly as in production).
+        token = self.workdir / "istio-token"
+        token.write_text("simulated-node-token\n")
+        env = {
+            **os.environ,
+            "POD_NAME": "eztunnel-plugin-sim",
+            "POD_NAMESPACE": "istio-system",
+            "INSTANCE_IP": "10.240.0.1",
+            "AUTH_TOKEN": str(token),
+        }
+        self.agent_proc = self._spawn_logged(
+            "agent",
+            [
+                PY,
+                "-m",
+                "eztunnel_plugin",
+                "run",
+                "--bpffs",
+                str(self.lab.bpffs),
+                "--cgroup",
+                str(self.lab.cgroup),
+                "--grpc-listen",
+                AGENT_API,
+                "--log-format",
+                "json",
+                "--xds-address",
+                ISTIOD_ADDR,
+                "--xds-plaintext",
+                "--node-name",
+                self.node_name,
+            ],
+            self.lab.child_cgroup("agent"),
+            env=env,
+        )
+        self.wait_until(self._agent_ready, 60, "the agent to become ready", self.agent_proc)
+        want = {p.ip for p in self.pods}
+        self.wait_until(
+            lambda: want <= set(self.enrolled()), 10, "every pod enrolled", self.agent_proc
+        )
+
+    def _agent_ready(self) -> bool:
+        log = self.workdir / "agent.log"
+        return log.exists() and '"agent.ready"' in log.read_text(errors="replace")
+
+    def stop_agent(self) -> None:
+        """SIGTERM the agent, then remove its pins and links (it keeps them by design)."""
+        proc, self.agent_proc = self.agent_proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        if self.lab.bpffs.exists():
+            dataplane.uninstall(self.lab.bpffs)
+
+    def dataplane(self) -> dataplane.Dataplane:
+        """The agent's pinned maps, opened read-write (close it after use)."""
+        return dataplane.Dataplane.open(self.lab.bpffs)
+
+    def counters(self) -> dict[str, int]:
+        if not (self.lab.bpffs / "ez_counters").exists():
+            return {}
+        with self.dataplane() as dp:
+            return dp.counters()
+
+    def enrolled(self) -> list[str]:
+        if not (self.lab.bpffs / "ez_endpoints").exists():
+            return []
+        with self.dataplane() as dp:
+            return sorted(dp.endpoints.read_all())
+
+    def cli(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run `eztunnel-plugin <argv> --grpc-addr <agent>` inside the node netns."""
+        return subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.lab.node,
+                PY,
+                "-m",
+                "eztunnel_plugin",
+                *argv,
+                "--grpc-addr",
+                AGENT_API,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def pod(self, name: str) -> SimPod:
+        return next(p for p in self.pods if p.name == name)
+
+    def spawn(self, pod: SimPod, argv: Sequence[str], **kw: object) -> subprocess.Popen[bytes]:
+        """Run an app process in the pod's netns and cgroup."""
+        return self.lab.spawn(pod.pod, argv, None, **kw)
+
+    def _spawn_logged(
+        self, name: str, argv: list[str], cgroup: Path, **kw: object
+    ) -> subprocess.Popen[bytes]:
+        with (self.workdir / f"{name}.log").open("ab") as log:
+            return self.lab.spawn(
+                self.lab.node, argv, cgroup=cgroup, stdout=log, stderr=subprocess.STDOUT, **kw
+            )
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        path = self.workdir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_until(
+        self,
+        cond: Callable[[], bool],
+        timeout: float,
+        what: str,
+        proc: subprocess.Popen[bytes] | None = None,
+    ) -> None:
+        """Poll cond (bounded in time); fail early, with its log, if proc exits."""
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if proc is not None and proc.poll() is not None:
+                raise SimError(f"{what}: process exited ({proc.returncode}):\n{self._logs()}")
+            if time.monotonic() > deadline:
+                raise SimError(f"timed out waiting for {what}\n{self._logs()}")
+            time.sleep(0.05)
+
+    def _logs(self) -> str:
+        return "\n".join(f"--- {n}.log\n{self.log_tail(n)}" for n in ("haproxy", "istiod", "agent"))
+
+    def cpu_usage_s(self) -> float:
+        """CPU seconds used so far by the node: the pods' apps, the stand-in, the agent."""
+        total = 0
+        groups = [p.cgroup for p in self.pods] + [self.ztunnel_cgroup, self.agent_cgroup]
+        for cg in groups:
+            stat = cg / "cpu.stat"
+            if stat.exists():
+                for line in stat.read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "usage_usec":
+                        total += int(value)
+        return total / 1e6
+
+    def node_pids(self) -> list[int]:
+        """Every process of the node (apps, stand-in, agent), for CPU pinning."""
+        pids: list[int] = []
+        for cg in [p.cgroup for p in self.pods] + [self.ztunnel_cgroup, self.agent_cgroup]:
+            procs = cg / "cgroup.procs"
+            if procs.exists():
+                pids += [int(x) for x in procs.read_text().split()]
+        return pids
+
+
+def check_path(
+    before: dict[str, standin.ProxyStat],
+    after: dict[str, standin.ProxyStat],
+    src: str,
+    dst: str,
+    conns: int,
+) -> dict[str, int]:
+    """Raise unless every hop of the stand-in (out, hbone, in, app) saw >= conns new
+    connections: a measurement that skipped the proxy must never count."""
+    delta = standin.path_delta(before, after, src, dst)
+    short = {hop: n for hop, n in delta.items() if n < conns}
+    if short:
+        raise SimError(
+            f"traffic {src} -> {dst} did not go through the stand-in: "
+            f"expected >= {conns} new connections per hop, got {delta}"
+        )
+    return delta
+
+
+def set_affinity(pids: Sequence[int], cpus: set[int]) -> None:
+    """Pin every thread of the processes (HAProxy and the agent are multi-threaded)."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), cpus)
+
+
+# ---- `eztunnel-plugin sim` ---------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pods", type=int, default=2, help="number of pods (default %(default)s)")
+    p.add_argument("--no-agent", action="store_true", help="plain ambient: no agent")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="send verified traffic pod 1 -> pod 2, print what happened, exit",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=600.0,
+        help="without --check: seconds to keep the node up (Ctrl-C ends sooner)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        print("eztunnel-plugin sim: needs root (namespaces, cgroups, BPF)", file=sys.stderr)
+        return 2
+    if not 2 <= args.pods <= 200:
+        print("eztunnel-plugin sim: --pods must be between 2 and 200", file=sys.stderr)
+        return 2
+    names = [f"pod{i + 1}" for i in range(args.pods)]
+    try:
+        with AmbientNode(names, agent=not args.no_agent) as node:
+            print(describe(node), flush=True)
+            if args.check:
+                return 0 if self_check(node) else 1
+            _wait_for_signal(args.duration)
+    except SimError as e:
+        print(f"eztunnel-plugin sim: {e}", file=sys.stderr)
+        return 1
+    print("simulated node removed", flush=True)
+    return 0
+
+
+def describe(node: AmbientNode) -> str:
+    lines = [
+        f"simulated ambient node {node.node_name} (node netns {node.lab.node}, "
+        f"cgroup {node.lab.cgroup})"
+    ]
+    for p in node.pods:
+        lines.append(f"  pod {p.name:<8} {p.ip:<13} netns {p.netns}  cgroup {p.cgroup.name}")
+    assert node.haproxy is not None
+    lines.append(
+        f"  ztunnel stand-in: haproxy pid {node.haproxy.pid}, stats "
+        f"{node.stats_socket}, config {node.workdir / 'haproxy.cfg'}"
+    )
+    if node.agent_proc is not None:
+        lines.append(
+            f"  agent: pid {node.agent_proc.pid}, API {AGENT_API} in netns "
+            f"{node.lab.node}: ip netns exec {node.lab.node} eztunnel-plugin "
+            f"status --grpc-addr {AGENT_API}"
+        )
+        lines.append(f"  enrolled: {', '.join(node.enrolled())}")
+    return "\n".join(lines)
+
+
+def self_check(node: AmbientNode) -> bool:
+    """Pod 1 -> pod 2 with flowcheck: data intact, the stand-in on the path, and with the
+    agent, every hop spliced (capture, cross-netns mirror, same-netns mirror)."""
+    a, b = node.pods[0], node.pods[1]
+    server = node.spawn(
+        b,
+        [PY, "-m", "eztunnel_plugin.flowcheck", "server", "--port", "9000"],
+        stdout=subprocess.PIPE,
+    )
+    node.wait_until(
+        lambda: ":9000 " in node.lab.exec(b.netns, "ss", "-ltnH").stdout,
+        15,
+        "the test server",
+        server,
+    )
+    conns = 8
+    before, counters = node.standin_stats(), node.counters()
+    client = node.spawn(
+        a,
+        [
+            PY,
+            "-m",
+            "eztunnel_plugin.flowcheck",
+            "client",
+            "--connect",
+            b.ip,
+            "--port",
+            "9000",
+            "--conns",
+            str(conns),
+            "--max-size",
+            str(1 << 20),
+            "--timeout",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    out, _ = client.communicate(timeout=90)
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    print(f"flowcheck {a.name} -> {b.name}:9000: {result}")
+    hops = check_path(before, node.standin_stats(), a.name, b.name, conns)
+    print(f"stand-in connections per hop: {hops}")
+    ok = bool(result["ok"])
+    if node.agent_proc is not None:
+        after = node.counters()
+        delta = {
+            k: after[k] - counters.get(k, 0)
+            for k in after
+            if k.startswith("pairs") and after[k] != counters.get(k, 0)
+        }
+        print(f"spliced pairs: {delta}")
+        ok = ok and all(
+            delta.get(k, 0) >= conns
+            for k in ("pairs_capture", "pairs_cross_mirror", "pairs_netns_mirror")
+        )
+    print("check passed" if ok else "check FAILED")
+    return ok
+
+
+def _wait_for_signal(seconds: float) -> None:
+    stop = {"now": False}
+
+    def handler(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        deadline = time.monotonic() + seconds
+        print(f"up for {seconds:.0f} s; Ctrl-C removes it sooner", flush=True)
+        while not stop["now"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
