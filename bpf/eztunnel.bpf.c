@@ -117,10 +117,16 @@ static __always_inline void count(__u32 idx, __u64 n)
 		*v += n;
 }
 
-static __always_inline bool enabled(void)
+static __always_inline struct ez_config *get_config(void)
 {
 	__u32 zero = 0;
-	struct ez_config *cfg = bpf_map_lookup_elem(&ez_config, &zero);
+
+	return bpf_map_lookup_elem(&ez_config, &zero);
+}
+
+static __always_inline bool enabled(void)
+{
+	struct ez_config *cfg = get_config();
 
 	return cfg && cfg->enabled;
 }
@@ -298,6 +304,7 @@ static __always_inline void on_active(struct bpf_sock_ops *ops, struct ez_tuple 
 			bpf_map_delete_elem(&ez_sockinfo, &cookie);
 		return;
 	}
+	info->sk_addr = (__u64)(unsigned long)ops->sk;
 	/* Close callbacks clean the side tables (the kernel only cleans the sockhash). */
 	bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
 	if (bpf_sock_hash_update(ops, &ez_socks, &cookie, BPF_NOEXIST)) {
@@ -395,6 +402,8 @@ static __always_inline void on_passive(struct bpf_sock_ops *ops, struct ez_tuple
 	}
 	mine->peer_cookie = peer_cookie;
 	mine->rule = rule;
+	mine->sk_addr = (__u64)(unsigned long)ops->sk;
+	mine->peer_sk_addr = peer->sk_addr;
 	bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
 	if (bpf_sock_hash_update(ops, &ez_socks, &cookie, BPF_NOEXIST)) {
 		mine->state = EZ_TAINTED;
@@ -403,6 +412,7 @@ static __always_inline void on_passive(struct bpf_sock_ops *ops, struct ez_tuple
 	}
 	/* The peer's sk_msg reads peer_cookie only once it sees PAIRED. */
 	peer->peer_cookie = cookie;
+	peer->peer_sk_addr = mine->sk_addr;
 	peer->rule = rule;
 	if (__sync_val_compare_and_swap(&peer->state, EZ_UNPAIRED, EZ_PAIRED) != EZ_UNPAIRED) {
 		/* The peer sent its first byte through TCP meanwhile. */
@@ -467,11 +477,41 @@ static __always_inline void taint(struct ez_sock_info *info)
 		count(EZ_CNT_TAINTED, 1);
 }
 
+/* sk_user_data carries flag bits below the psock pointer (SK_USER_DATA_PTRMASK). */
+#define EZ_USER_DATA_PTRMASK (~7UL)
+
+/*
+ * The kernel queues redirected bytes on the peer without looking at its receive
+ * buffer: with a slower reader (a proxy doing TLS) the queue would grow until the
+ * node's TCP memory runs out and the writer gets ENOMEM. True when the peer holds
+ * more unread redirected bytes than the larger of its receive buffer and the
+ * configured limit. The peer's struct sock is read with probe reads only: if it
+ * was freed meanwhile, the redirect itself misses and the socket falls back anyway.
+ */
+static __always_inline bool peer_backlogged(struct ez_sock_info *info, __u32 limit)
+{
+	struct sock *peer = (struct sock *)(unsigned long)info->peer_sk_addr;
+	struct sk_psock *psock;
+	__u32 rcvbuf;
+
+	if (!peer || !bpf_core_field_exists(struct sk_psock, msg_tot_len))
+		return false;
+	psock = (struct sk_psock *)((unsigned long)BPF_CORE_READ(peer, sk_user_data) &
+				    EZ_USER_DATA_PTRMASK);
+	if (!psock)
+		return false;
+	rcvbuf = BPF_CORE_READ(peer, sk_rcvbuf);
+	if (rcvbuf > limit)
+		limit = rcvbuf;
+	return BPF_CORE_READ(psock, msg_tot_len) > limit;
+}
+
 SEC("sk_msg")
 int ez_msg(struct sk_msg_md *msg)
 {
 	struct bpf_sock *sk = msg->sk;
 	struct ez_sock_info *info;
+	struct ez_config *cfg;
 	__u64 *cookie, peer;
 	__u32 state;
 	long ret;
@@ -489,8 +529,15 @@ int ez_msg(struct sk_msg_md *msg)
 	if (state != EZ_PAIRED)
 		goto pass;
 	/* Kill switch: once through TCP, never back (the peer reads its queue first). */
-	if (!enabled()) {
+	cfg = get_config();
+	if (!cfg || !cfg->enabled) {
 		taint(info);
+		goto pass;
+	}
+	/* Backpressure: TCP's flow control takes over from here, in order. */
+	if (peer_backlogged(info, cfg->backlog_limit)) {
+		taint(info);
+		count(EZ_CNT_BACKLOG_FALLBACKS, 1);
 		goto pass;
 	}
 	peer = info->peer_cookie;

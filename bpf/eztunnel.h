@@ -9,7 +9,7 @@
 
 /* Bump whenever a map's key/value layout or meaning changes. */
 enum ez_layout {
-	EZ_LAYOUT_VERSION = 1,
+	EZ_LAYOUT_VERSION = 2,
 };
 
 /* Map sizes (pinned maps cannot be resized: part of the layout). */
@@ -57,6 +57,7 @@ enum ez_counter {
 	EZ_CNT_REDIRECT_MISSES,
 	EZ_CNT_TAINTED,
 	EZ_CNT_SOCKETS_CLOSED,
+	EZ_CNT_BACKLOG_FALLBACKS, /* paired sockets sent to TCP: the peer had too much queued */
 	/* One counter per reason a socket was not paired. */
 	EZ_NP_DISABLED,
 	EZ_NP_OUT_OF_SCOPE,
@@ -88,6 +89,8 @@ struct ez_endpoint {
 struct ez_config {
 	__u32 enabled;        /* 0: kill switch, pass everything, pair nothing */
 	__u32 layout_version; /* written at install, checked on reuse */
+	__u32 backlog_limit;  /* bytes a peer may hold unread before TCP takes over */
+	__u32 reserved;
 };
 
 /* Pairing index key: netns is 0 for cross-netns entries; ports host order. */
@@ -121,6 +124,8 @@ struct ez_sock_info {
 	__u8 active;       /* 1: connect() side */
 	__u8 index_owned;  /* bit (1 << kind) for index entries this socket owns */
 	__u8 reserved[2];
+	__u64 sk_addr;      /* this socket's struct sock, for its peer's backlog check */
+	__u64 peer_sk_addr; /* the peer's struct sock (only ever read with probe reads) */
 };
 
 #endif /* EZTUNNEL_H */

@@ -527,15 +527,15 @@ def test_capabilities_are_minimal() -> None:
     c = container(agent_ds(render()), "eztunnel")
     sc = c["securityContext"]
     assert sc["privileged"] is False
-    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN"]}
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "PERFMON"]}
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["runAsUser"] == 0
     assert mount(c, "tmp")["mountPath"] == "/tmp"
-    extra = container(
-        agent_ds(render("--set", "extraCapabilities={SYS_ADMIN,PERFMON}")), "eztunnel"
-    )["securityContext"]
-    assert extra["capabilities"]["add"] == ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON"]
+    extra = container(agent_ds(render("--set", "extraCapabilities={SYS_ADMIN}")), "eztunnel")[
+        "securityContext"
+    ]
+    assert extra["capabilities"]["add"] == ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"]
     assert extra["allowPrivilegeEscalation"] is True
 
 
@@ -543,9 +543,9 @@ def test_every_capability_is_explained() -> None:
     helpers = (CHART / "templates" / "_helpers.tpl").read_text()
     block = helpers[helpers.index('define "eztunnel.capabilities"') :]
     block = block[: block.index("{{- end }}")]
-    for cap in ("BPF", "NET_ADMIN"):
+    for cap in ("BPF", "NET_ADMIN", "PERFMON"):
         assert re.search(rf"#\s*{cap}:", block), f"no comment says why {cap} is there"
-    for cap in ("SYS_ADMIN", "PERFMON"):
+    for cap in ("SYS_ADMIN",):
         assert cap in block, f"no comment says why {cap} is left out"
 
 

@@ -241,13 +241,6 @@ def test_stalled_reader_bounds_the_sender_without_agent(node: AmbientNode) -> No
     assert int(accepted.split()[0]) < 64, accepted
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sk_msg redirects into the peer's ingress queue "
-    "without checking its receive buffer: a stalled or slower reader (the "
-    "proxy doing TLS) no longer slows the writer down; the queue grows until "
-    "the kernel's TCP memory limit, then the writer gets ENOMEM",
-)
 def test_stalled_reader_bounds_the_sender_with_agent(node: AmbientNode) -> None:
     a, b = node.pods
     node.start_agent()

@@ -102,6 +102,7 @@ class Agent:
         )
         if self.dp.reused:
             self.dp.set_capture_ports(cfg.capture_ports)
+        self.dp.set_backlog_limit(cfg.backlog_limit)
         self.events.publish("dataplane.ready", reused=self.dp.reused, bpffs=cfg.bpffs)
         self._api = await api.start(self, cfg.grpc_listen)
         tasks: list[asyncio.Task[None]] = []

@@ -63,6 +63,7 @@ class AgentConfig:
     log_level: str
     xds_stale_after_s: float
     capture_ports: tuple[int, ...]
+    backlog_limit: int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -149,6 +150,10 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str], tty: bool) -> Ag
     ports = tuple(args.capture_port or layout.DEFAULT_CAPTURE_PORTS)
     if any(not 0 < p < 65536 for p in ports) or len(ports) > layout.MAX_CAPTURE_PORTS:
         raise ConfigError("--capture-port", f"invalid ports {list(ports)}")
+    if not 64 * 1024 <= args.backlog_limit < 1 << 32:
+        raise ConfigError(
+            "--backlog-limit", f"must be 65536..4294967295 bytes, not {args.backlog_limit}"
+        )
     node = args.node_name or env.get("NODE_NAME", "")
     xds = None
     if args.endpoints_file is not None:
@@ -173,6 +178,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str], tty: bool) -> Ag
         log_format=log_format,
         log_level=args.log_level,
         xds_stale_after_s=args.xds_stale_after,
+        backlog_limit=args.backlog_limit,
         capture_ports=ports,
     )
 

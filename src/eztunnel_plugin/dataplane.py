@@ -226,7 +226,7 @@ class Dataplane:
         try:
             for name, fd in maps.items():
                 bpfsys.obj_pin(fd, bpffs / name)
-            dp._write_config(enabled=True)
+            dp._write_config(layout.Config(1, layout.LAYOUT_VERSION, layout.DEFAULT_BACKLOG_LIMIT))
             dp.set_capture_ports(capture_ports)
             # sk_msg (and the optional verdict) first: a socket takes the map's
             # programs when it is added, and sockops adds sockets.
@@ -290,13 +290,22 @@ class Dataplane:
         assert raw is not None  # array maps always hold index 0
         return layout.Config.from_buffer_copy(raw)
 
-    def _write_config(self, enabled: bool) -> None:
-        cfg = layout.Config(enabled=int(enabled), layout_version=layout.LAYOUT_VERSION)
+    def _write_config(self, cfg: layout.Config) -> None:
         bpfsys.map_update(self.maps["ez_config"], bytes(4), bytes(cfg))
 
     def set_enabled(self, enabled: bool) -> None:
         """The kill switch: off passes every byte through TCP and pairs nothing new."""
-        self._write_config(enabled)
+        cfg = self.config()
+        cfg.enabled = int(enabled)
+        self._write_config(cfg)
+
+    def set_backlog_limit(self, limit: int) -> None:
+        """Unread redirected bytes a peer may hold before the sender falls back to TCP."""
+        if not 0 < limit < 1 << 32:
+            raise DataplaneError(f"backlog limit {limit} out of range")
+        cfg = self.config()
+        cfg.backlog_limit = limit
+        self._write_config(cfg)
 
     @property
     def enabled(self) -> bool:

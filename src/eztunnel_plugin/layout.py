@@ -10,7 +10,7 @@ import ctypes
 import enum
 import ipaddress
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 MAX_SOCKETS = 65536
 MAX_INDEX = 131072
@@ -19,6 +19,9 @@ MAX_NETNS = 4096
 MAX_CAPTURE_PORTS = 64
 
 DEFAULT_CAPTURE_PORTS = (15001,)
+# Unread redirected bytes a peer may hold before its sender falls back to TCP:
+# about what TCP buffers for one socket on a fast local path, and bounded.
+DEFAULT_BACKLOG_LIMIT = 4 << 20
 
 
 class SockState(enum.IntEnum):
@@ -55,17 +58,18 @@ class Counter(enum.IntEnum):
     REDIRECT_MISSES = 9
     TAINTED = 10
     SOCKETS_CLOSED = 11
-    NP_DISABLED = 12
-    NP_OUT_OF_SCOPE = 13
-    NP_NO_PEER = 14
-    NP_AMBIGUOUS = 15
-    NP_PEER_NOT_ENROLLED = 16
-    NP_TAINTED = 17
-    NP_DATA_BEFORE_PAIRING = 18
-    NP_MAP_FULL = 19
+    BACKLOG_FALLBACKS = 12
+    NP_DISABLED = 13
+    NP_OUT_OF_SCOPE = 14
+    NP_NO_PEER = 15
+    NP_AMBIGUOUS = 16
+    NP_PEER_NOT_ENROLLED = 17
+    NP_TAINTED = 18
+    NP_DATA_BEFORE_PAIRING = 19
+    NP_MAP_FULL = 20
 
 
-COUNTER_MAX = 20
+COUNTER_MAX = 21
 
 EP_ENROLLED = 1 << 0
 
@@ -92,7 +96,12 @@ class Endpoint(ctypes.Structure):
 
 
 class Config(ctypes.Structure):
-    _fields_ = [("enabled", ctypes.c_uint32), ("layout_version", ctypes.c_uint32)]
+    _fields_ = [
+        ("enabled", ctypes.c_uint32),
+        ("layout_version", ctypes.c_uint32),
+        ("backlog_limit", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+    ]
 
 
 class IndexKey(ctypes.Structure):
@@ -129,6 +138,8 @@ class SockInfo(ctypes.Structure):
         ("active", ctypes.c_uint8),
         ("index_owned", ctypes.c_uint8),
         ("reserved", ctypes.c_uint8 * 2),
+        ("sk_addr", ctypes.c_uint64),
+        ("peer_sk_addr", ctypes.c_uint64),
     ]
 
 

@@ -93,9 +93,9 @@ istiod{{ with .Values.revision }}-{{ . }}{{ end }}.{{ .Values.istioNamespace }}.
 {{/*
 Capabilities of the agent and the per-node uninstall container, measured on kernel 6.18 by running
 every BPF step of the agent (load, link create, pin, query, detach, unpin) under a reduced bounding
-set: BPF + NET_ADMIN is enough on every kernel the data plane supports (6.10+, for its sk_msg BPF
-link; CAP_BPF exists since 5.8, and since 5.11 BPF memory is charged to the memory cgroup, so no
-SYS_RESOURCE for RLIMIT_MEMLOCK).
+set: BPF + NET_ADMIN + PERFMON is enough on every kernel the data plane supports (6.10+, for its
+sk_msg BPF link; CAP_BPF exists since 5.8, and since 5.11 BPF memory is charged to the memory
+cgroup, so no SYS_RESOURCE for RLIMIT_MEMLOCK).
 */}}
 {{- define "eztunnel.capabilities" -}}
 capabilities:
@@ -108,9 +108,12 @@ capabilities:
     # loading them, attaching them (cgroup sock_ops link, sk_msg/sk_skb on the SOCKHASH) and
     # BPF_PROG_QUERY on the cgroup need it.
     - NET_ADMIN
+    # PERFMON: the sk_msg program bounds what it queues on a peer socket by reading the peer's
+    # queue length with CO-RE probe reads (bpf_probe_read_kernel) and keeps the peer's socket
+    # address in its map; the verifier allows both only with PERFMON.
+    - PERFMON
     # Not added: SYS_ADMIN (only BPF_*_GET_FD_BY_ID / GET_NEXT_ID need it; the agent keeps its own
     # fds and pins instead; leaving it out also allows allowPrivilegeEscalation: false),
-    # PERFMON (the verifier accepts the programs without it; they use no tracing helpers),
     # SYS_RESOURCE (no memlock rlimit on 5.11+), NET_RAW, SYS_PTRACE (no raw sockets, no netns entry).
     {{- range .Values.extraCapabilities }}
     - {{ . }}
