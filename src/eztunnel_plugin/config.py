@@ -121,6 +121,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="outbound capture port (repeatable, default 15001)",
     )
     p.add_argument(
+        "--backlog-limit",
+        type=int,
+        default=layout.DEFAULT_BACKLOG_LIMIT,
+        help="unread bytes a spliced peer may hold before its sender falls back to TCP "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--log-format",
         default=None,
         help="json or console (default: json unless stderr is a terminal)",
