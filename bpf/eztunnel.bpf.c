@@ -289,6 +289,44 @@ static __always_inline bool remember_cookie(struct bpf_sock_ops *ops, __u64 cook
 	return true;
 }
 
+/* From `from` to TCP for good; the time lets the peer know when it may leave. */
+static __always_inline bool taint_from(struct ez_sock_info *info, __u32 from)
+{
+	if (__sync_val_compare_and_swap(&info->state, from, EZ_TAINTED) != from)
+		return false;
+	info->tainted_ns = bpf_ktime_get_ns();
+	return true;
+}
+
+static __always_inline void taint(struct ez_sock_info *info)
+{
+	if (taint_from(info, EZ_PAIRED))
+		count(EZ_CNT_TAINTED, 1);
+}
+
+/* sk_user_data carries flag bits below the psock pointer (SK_USER_DATA_PTRMASK). */
+#define EZ_USER_DATA_PTRMASK (~7UL)
+
+/* Redirected bytes queued unread on a socket; -1 when unknown. Probe reads only. */
+static __always_inline long queued_on(__u64 sk_addr, __u32 *rcvbuf)
+{
+	struct sock *sk = (struct sock *)(unsigned long)sk_addr;
+	struct sk_psock *psock;
+
+	if (!sk || !bpf_core_field_exists(struct sk_psock, msg_tot_len))
+		return -1;
+	psock = (struct sk_psock *)((unsigned long)BPF_CORE_READ(sk, sk_user_data) &
+				    EZ_USER_DATA_PTRMASK);
+	if (!psock)
+		return -1;
+	if (rcvbuf)
+		*rcvbuf = BPF_CORE_READ(sk, sk_rcvbuf);
+	return BPF_CORE_READ(psock, msg_tot_len);
+}
+
+/* Callbacks of registered sockets: close cleans up, ACKs let a tainted one leave. */
+#define EZ_CB_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG)
+
 /* ---- sockops --------------------------------------------------------- */
 
 /* connect() side: register and publish so the accept() side can find us. */
@@ -306,10 +344,10 @@ static __always_inline void on_active(struct bpf_sock_ops *ops, struct ez_tuple 
 	}
 	info->sk_addr = (__u64)(unsigned long)ops->sk;
 	/* Close callbacks clean the side tables (the kernel only cleans the sockhash). */
-	bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	bpf_sock_ops_cb_flags_set(ops, EZ_CB_FLAGS);
 	if (bpf_sock_hash_update(ops, &ez_socks, &cookie, BPF_NOEXIST)) {
 		/* Not in the sockhash: sk_msg never sees it, so it must never pair. */
-		info->state = EZ_TAINTED;
+		taint_from(info, EZ_UNPAIRED);
 		count(EZ_NP_MAP_FULL, 1);
 		return;
 	}
@@ -404,9 +442,9 @@ static __always_inline void on_passive(struct bpf_sock_ops *ops, struct ez_tuple
 	mine->rule = rule;
 	mine->sk_addr = (__u64)(unsigned long)ops->sk;
 	mine->peer_sk_addr = peer->sk_addr;
-	bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	bpf_sock_ops_cb_flags_set(ops, EZ_CB_FLAGS);
 	if (bpf_sock_hash_update(ops, &ez_socks, &cookie, BPF_NOEXIST)) {
-		mine->state = EZ_TAINTED;
+		taint_from(mine, EZ_UNPAIRED);
 		count(EZ_NP_MAP_FULL, 1);
 		return;
 	}
@@ -416,7 +454,7 @@ static __always_inline void on_passive(struct bpf_sock_ops *ops, struct ez_tuple
 	peer->rule = rule;
 	if (__sync_val_compare_and_swap(&peer->state, EZ_UNPAIRED, EZ_PAIRED) != EZ_UNPAIRED) {
 		/* The peer sent its first byte through TCP meanwhile. */
-		mine->state = EZ_TAINTED;
+		taint_from(mine, EZ_UNPAIRED);
 		count(EZ_NP_TAINTED, 1);
 		return;
 	}
@@ -424,6 +462,34 @@ static __always_inline void on_passive(struct bpf_sock_ops *ops, struct ez_tuple
 	__sync_val_compare_and_swap(&mine->state, EZ_UNPAIRED, EZ_PAIRED);
 	count(EZ_CNT_PAIRS, 1);
 	count(EZ_CNT_PAIRS + rule, 1);
+}
+
+/*
+ * A socket on TCP for good still pays for the sk_msg path while it sits in the
+ * sockhash (about half of plain TCP's throughput here). It leaves once nothing can
+ * arrive on its redirect queue any more: the queue is empty and its peer (if any)
+ * stopped redirecting long enough ago. Leaving drops the queue, hence the checks.
+ */
+static __always_inline void on_ack(struct bpf_sock_ops *ops)
+{
+	__u64 cookie = bpf_get_socket_cookie(ops);
+	struct ez_sock_info *info = bpf_map_lookup_elem(&ez_sockinfo, &cookie);
+	struct ez_sock_info *peer;
+	__u64 peer_cookie;
+
+	if (!info || info->state != EZ_TAINTED)
+		return;
+	peer_cookie = info->peer_cookie;
+	peer = peer_cookie ? bpf_map_lookup_elem(&ez_sockinfo, &peer_cookie) : NULL;
+	if (peer && peer->peer_cookie == cookie &&
+	    (peer->state != EZ_TAINTED ||
+	     bpf_ktime_get_ns() - peer->tainted_ns < EZ_UNSPLICE_GRACE_NS))
+		return;
+	if (queued_on(info->sk_addr, NULL) != 0)
+		return;
+	if (bpf_map_delete_elem(&ez_socks, &cookie) == 0)
+		count(EZ_CNT_UNSPLICED, 1);
+	bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 static __always_inline void on_close(struct bpf_sock_ops *ops)
@@ -449,6 +515,10 @@ int ez_sockops(struct bpf_sock_ops *ops)
 			on_close(ops);
 		return 1;
 	}
+	if (op == BPF_SOCK_OPS_RTT_CB) {
+		on_ack(ops);
+		return 1;
+	}
 	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		return 1;
 	if (!read_tuple(ops, &t))
@@ -471,49 +541,31 @@ int ez_sockops(struct bpf_sock_ops *ops)
 
 /* ---- sk_msg ---------------------------------------------------------- */
 
-static __always_inline void taint(struct ez_sock_info *info)
-{
-	if (__sync_val_compare_and_swap(&info->state, EZ_PAIRED, EZ_TAINTED) == EZ_PAIRED)
-		count(EZ_CNT_TAINTED, 1);
-}
-
-/* sk_user_data carries flag bits below the psock pointer (SK_USER_DATA_PTRMASK). */
-#define EZ_USER_DATA_PTRMASK (~7UL)
-
 /*
  * The kernel queues redirected bytes on the peer without looking at its receive
  * buffer: with a slower reader (a proxy doing TLS) the queue would grow until the
  * node's TCP memory runs out and the writer gets ENOMEM. True when the peer holds
  * more unread redirected bytes than the larger of its receive buffer and the
- * configured limit. The peer's struct sock is read with probe reads only: if it
- * was freed meanwhile, the redirect itself misses and the socket falls back anyway.
+ * configured limit. If the peer was freed meanwhile, the redirect itself misses
+ * and the socket falls back anyway.
  */
 static __always_inline bool peer_backlogged(struct ez_sock_info *info, __u32 limit)
 {
-	struct sock *peer = (struct sock *)(unsigned long)info->peer_sk_addr;
-	struct sk_psock *psock;
-	__u32 rcvbuf;
+	__u32 rcvbuf = 0;
+	long queued = queued_on(info->peer_sk_addr, &rcvbuf);
 
-	if (!peer || !bpf_core_field_exists(struct sk_psock, msg_tot_len))
-		return false;
-	psock = (struct sk_psock *)((unsigned long)BPF_CORE_READ(peer, sk_user_data) &
-				    EZ_USER_DATA_PTRMASK);
-	if (!psock)
-		return false;
-	rcvbuf = BPF_CORE_READ(peer, sk_rcvbuf);
 	if (rcvbuf > limit)
 		limit = rcvbuf;
-	return BPF_CORE_READ(psock, msg_tot_len) > limit;
+	return queued > (long)limit;
 }
 
 SEC("sk_msg")
 int ez_msg(struct sk_msg_md *msg)
 {
 	struct bpf_sock *sk = msg->sk;
-	struct ez_sock_info *info;
+	struct ez_sock_info *info, *peer_info;
 	struct ez_config *cfg;
 	__u64 *cookie, peer;
-	__u32 state;
 	long ret;
 
 	if (!sk)
@@ -525,8 +577,7 @@ int ez_msg(struct sk_msg_md *msg)
 	if (!info)
 		return SK_PASS;
 	/* First byte before pairing: this socket goes through TCP for good. */
-	state = __sync_val_compare_and_swap(&info->state, EZ_UNPAIRED, EZ_TAINTED);
-	if (state != EZ_PAIRED)
+	if (taint_from(info, EZ_UNPAIRED) || info->state != EZ_PAIRED)
 		goto pass;
 	/* Kill switch: once through TCP, never back (the peer reads its queue first). */
 	cfg = get_config();
@@ -535,12 +586,16 @@ int ez_msg(struct sk_msg_md *msg)
 		goto pass;
 	}
 	/* Backpressure: TCP's flow control takes over from here, in order. */
+	peer = info->peer_cookie;
 	if (peer_backlogged(info, cfg->backlog_limit)) {
+		/* Both directions go to TCP, so both sockets can leave the sockhash. */
 		taint(info);
+		peer_info = bpf_map_lookup_elem(&ez_sockinfo, &peer);
+		if (peer_info)
+			taint(peer_info);
 		count(EZ_CNT_BACKLOG_FALLBACKS, 1);
 		goto pass;
 	}
-	peer = info->peer_cookie;
 	ret = bpf_msg_redirect_hash(msg, &ez_socks, &peer, BPF_F_INGRESS);
 	if (ret != SK_PASS) {
 		/* The peer left the sockhash (closed): plain TCP from now on. */

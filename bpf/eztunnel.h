@@ -58,6 +58,7 @@ enum ez_counter {
 	EZ_CNT_TAINTED,
 	EZ_CNT_SOCKETS_CLOSED,
 	EZ_CNT_BACKLOG_FALLBACKS, /* paired sockets sent to TCP: the peer had too much queued */
+	EZ_CNT_UNSPLICED,         /* sockets back on plain TCP: out of the sockhash for good */
 	/* One counter per reason a socket was not paired. */
 	EZ_NP_DISABLED,
 	EZ_NP_OUT_OF_SCOPE,
@@ -126,6 +127,11 @@ struct ez_sock_info {
 	__u8 reserved[2];
 	__u64 sk_addr;      /* this socket's struct sock, for its peer's backlog check */
 	__u64 peer_sk_addr; /* the peer's struct sock (only ever read with probe reads) */
+	__u64 tainted_ns;   /* when the socket went to TCP for good (bpf_ktime_get_ns) */
 };
+
+/* A socket leaves the sockhash this long after its peer stopped redirecting to it:
+ * longer than any redirect the peer may still have in flight. */
+#define EZ_UNSPLICE_GRACE_NS 1000000000ULL
 
 #endif /* EZTUNNEL_H */

@@ -261,6 +261,23 @@ def test_stalled_reader_holds_the_writer_back(lab: Lab, dp: dataplane.Dataplane)
     counters = dp.counters()
     assert counters["pairs"] == 1 and counters["backlog_fallbacks"] == 1
     assert counters["bytes_redirected"] >= MB
+    wait_for(lambda: not dp.sockets(), what="side tables cleaned on close")
+
+
+def test_fallen_back_sockets_leave_the_sockhash(lab: Lab, dp: dataplane.Dataplane) -> None:
+    # On TCP for good, a socket still pays for the sk_msg path while it is in the
+    # sockhash; it leaves once nothing can arrive on its redirect queue any more (a
+    # second after its peer stopped redirecting), and no byte is lost on the way.
+    a, b = lab.add_pod(), lab.add_pod()
+    enroll(dp, a, b)
+    dp.set_backlog_limit(64 * 1024)
+    slow = ("--read-delay", "0.002", "--read-chunk", "65536")
+    flowcheck_server(lab, b, 9000, *slow)
+    flowcheck_client(lab, a, b.ip4, 9000, "--conns", "2", "--min-size", str(48 * MB),
+                     "--max-size", str(48 * MB), *slow)  # fmt: skip
+    counters = dp.counters()
+    assert counters["backlog_fallbacks"] >= 2
+    assert counters["unspliced"] >= 2
 
 
 # 6. ----------------------------------------------------------------------------

@@ -208,8 +208,37 @@ def _ambient(args: argparse.Namespace) -> list[Metric]:
     return bench_ambient(args.rounds, args.seconds)
 
 
+def bench_xds_section(args: argparse.Namespace) -> list[Metric]:
+    """10,000 workloads (1,000 on this node) from the fake istiod into the real BPF map."""
+    import asyncio
+
+    from eztunnel_plugin import bench_xds
+
+    with Lab() as lab, dataplane.Dataplane.install_or_reuse(lab.bpffs, lab.cgroup) as dp:
+        got = bench_xds.run(sink_factory=lambda: dp.endpoints, rss=False)
+    rss = asyncio.run(bench_xds.bench_agent_rss())
+    print(f"  agent RSS with 10,000 workloads: {rss['agent_rss_mb']:.1f} MB "
+          f"(peak {rss['agent_peak_rss_mb']:.1f} MB)", flush=True)  # fmt: skip
+
+    def absolute(name: str, unit: str, target: str, value: float, note: str = "") -> Metric:
+        return Metric(name, unit, target, plugin=[value], absolute=True, note=note)
+
+    return [
+        absolute("xds_decode_10k_resources", "ms", "< 50", got["decode_ms_median"]),
+        absolute("xds_first_snapshot_to_bpf_map", "ms", "< 1000",
+                 got["first_snapshot_received_to_sink_ms"],
+                 "first 10,000-workload response received -> 1,000 entries in the BPF map"),
+        absolute("xds_change_to_bpf_map_p99", "ms", "< 10", got["change_to_sink_p99_ms"],
+                 "one workload's IP changes at istiod -> visible in the BPF map"),
+        absolute("agent_rss_10k_workloads", "MB", "< 60", rss["agent_rss_mb"],
+                 f"the real agent (BPF, xDS, API) after its first snapshot; peak "
+                 f"{rss['agent_peak_rss_mb']:.1f} MB"),
+    ]  # fmt: skip
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[Metric]]] = {
     "dataplane": lambda a: bench_dataplane(a.rounds, a.seconds),
+    "xds": bench_xds_section,
     "ambient": _ambient,
 }
 

@@ -59,17 +59,18 @@ class Counter(enum.IntEnum):
     TAINTED = 10
     SOCKETS_CLOSED = 11
     BACKLOG_FALLBACKS = 12
-    NP_DISABLED = 13
-    NP_OUT_OF_SCOPE = 14
-    NP_NO_PEER = 15
-    NP_AMBIGUOUS = 16
-    NP_PEER_NOT_ENROLLED = 17
-    NP_TAINTED = 18
-    NP_DATA_BEFORE_PAIRING = 19
-    NP_MAP_FULL = 20
+    UNSPLICED = 13
+    NP_DISABLED = 14
+    NP_OUT_OF_SCOPE = 15
+    NP_NO_PEER = 16
+    NP_AMBIGUOUS = 17
+    NP_PEER_NOT_ENROLLED = 18
+    NP_TAINTED = 19
+    NP_DATA_BEFORE_PAIRING = 20
+    NP_MAP_FULL = 21
 
 
-COUNTER_MAX = 21
+COUNTER_MAX = 22
 
 EP_ENROLLED = 1 << 0
 
@@ -140,6 +141,7 @@ class SockInfo(ctypes.Structure):
         ("reserved", ctypes.c_uint8 * 2),
         ("sk_addr", ctypes.c_uint64),
         ("peer_sk_addr", ctypes.c_uint64),
+        ("tainted_ns", ctypes.c_uint64),
     ]
 
 
