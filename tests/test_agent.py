@@ -222,3 +222,17 @@ def test_cli_without_agent_is_a_clear_error() -> None:
     )
     assert r.returncode == 1
     assert "cannot reach the agent" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_agent_process_stays_lean() -> None:
+    # Memory is a product target (< 60 MB): the agent must not carry the loader's
+    # LLVM bindings, the simulator's TLS stack or plotting libraries.
+    probe = (
+        "import sys\n"
+        "from eztunnel_plugin import agent, cli\n"
+        "cli.build_parser('run')\n"
+        "heavy = {'pylibbpf', 'llvmlite', 'cryptography', 'matplotlib', 'numpy'}\n"
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n"
+    )
+    r = subprocess.run([PY, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert r.stdout.strip() == "[]"

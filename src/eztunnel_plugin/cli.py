@@ -64,7 +64,7 @@ def _client(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from eztunnel_plugin import config
 
     p = argparse.ArgumentParser(
@@ -102,16 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--limit", type=int, default=0, help="stop after N refreshes")
         c.set_defaults(func=_client(name))
 
-    fake = sub.add_parser("fake-istiod", help="a local delta-xDS server from a YAML file")
-    _fake_istiod_arguments(fake)
-
-    demo = sub.add_parser("demo", help="build a simulated node and show splicing live")
-    _add_demo_arguments(demo)
-    demo.set_defaults(func=cmd_demo)
-
-    sim = sub.add_parser("sim", help="a simulated ambient node (pods, istio-cni rules, proxy)")
-    _add_sim_arguments(sim)
-    sim.set_defaults(func=cmd_sim)
+    # Development tools: their modules (TLS, the simulator) load only when chosen, so
+    # they never take memory in the agent.
+    for name, help_, add in (
+        ("fake-istiod", "a local delta-xDS server from a YAML file", _fake_istiod_arguments),
+        ("demo", "build a simulated node and show splicing live", _add_demo_arguments),
+        ("sim", "a simulated ambient node (pods, istio-cni rules, proxy)", _add_sim_arguments),
+    ):
+        tool = sub.add_parser(name, help=help_)
+        if name == command:
+            add(tool)
     return p
 
 
@@ -133,12 +133,14 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     from eztunnel_plugin import demo
 
     demo.add_arguments(p)
+    p.set_defaults(func=cmd_demo)
 
 
 def _add_sim_arguments(p: argparse.ArgumentParser) -> None:
     from eztunnel_plugin import sim
 
     sim.add_arguments(p)
+    p.set_defaults(func=cmd_sim)
 
 
 def _fake_istiod_arguments(p: argparse.ArgumentParser) -> None:
@@ -149,7 +151,9 @@ def _fake_istiod_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:
