@@ -198,10 +198,10 @@ def run(seconds: int) -> int:
             print(table(before, after), flush=True)
             para("""Latency gains are largest with the path pinned to
                 one CPU: unpinned, a cross-CPU wake-up costs ~30 us on this VM and is not
-                removed. Known limit: a bulk sender that is faster than the proxy is not
-                slowed down by a spliced socket (no backpressure on the in-kernel queue), and
-                gets ENOMEM once the kernel's TCP memory is exhausted; `make bench` measures
-                and reports it. The paced flow above stays below the proxy's speed.""")
+                removed. A bulk sender faster than the proxy is spliced until the proxy
+                lags by the backlog limit (4 MiB), then that hop goes back to plain TCP,
+                whose flow control slows the sender down, in order; `make bench` measures
+                it. The paced flow above stays below the proxy's speed.""")
             say(
                 "7. Clean up",
                 "Stopping the agent, removing its pins, the pods, the "
