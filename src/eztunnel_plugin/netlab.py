@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from eztunnel_plugin import bpfsys, dataplane
 
@@ -59,8 +60,30 @@ def _enter(netns: Path, cgroup: Path) -> None:
     os.close(fd)
 
 
+class Managed:
+    """`with` support for things built by start() and removed by close(): a failed
+    start() is undone before the error propagates."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass
-class Lab:
+class Lab(Managed):
     """One node: pods on a bridge inside a private node netns, one cgroup."""
 
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
@@ -74,17 +97,6 @@ class Lab:
         self.node = f"ezn-{self.tag}"
         self.cgroup = dataplane.cgroup2_root() / f"eztest-{self.tag}"
         self.bpffs = BPFFS_ROOT / f"eztest-{self.tag}"
-
-    def __enter__(self) -> Lab:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def start(self) -> None:
         ensure_bpffs()

@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from eztunnel_plugin import dataplane, inpod, simmark, simpki, standin
-from eztunnel_plugin.netlab import Lab, Pod
+from eztunnel_plugin.netlab import Lab, Managed, Pod
 
 PY = sys.executable
 AGENT_API = "127.0.0.1:15081"
@@ -71,7 +71,7 @@ class SimPod:
 
 
 @dataclass
-class AmbientNode:
+class AmbientNode(Managed):
     """One simulated ambient node. Use as a context manager (or call start/close)."""
 
     pod_names: Sequence[str] = ("client", "server")
@@ -93,17 +93,6 @@ class AmbientNode:
         self.stats_socket = self.workdir / "haproxy.sock"
 
     # ---- lifecycle -----------------------------------------------------------------
-
-    def __enter__(self) -> AmbientNode:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def start(self) -> None:
         self.workdir.mkdir(mode=0o700)
