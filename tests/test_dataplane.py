@@ -426,6 +426,9 @@ def test_unenrolled_addresses_are_never_paired(lab: Lab, dp: dataplane.Dataplane
     assert delta["np_out_of_scope"] == 12  # both sockets of each a<->b connection
     assert delta["np_no_peer"] == 6  # c's passive side: a never published (a not enrolled)
     assert dp.flows() == []
+    # a's sockets towards c had no peer: after their first byte they left the sockhash,
+    # so a flow to anything that is not a local peer runs at plain TCP speed.
+    assert delta["unspliced"] == 6
 
 
 def test_kill_switch(lab: Lab, dp: dataplane.Dataplane) -> None:
