@@ -173,6 +173,10 @@ def test_endpoints_file_reload_and_cli(lab: Lab, agents: list[AgentProc], tmp_pa
     stats = agent.cli_json("stats")
     assert int(stats["counters"]["pairs"]) >= 1
     assert "out_of_scope" in stats["not_paired_reasons"]
+    status = agent.cli_json("status")
+    assert status["capture_ports"] == [15001]
+    assert status["backlog_limit_bytes"] == 4 << 20
+    assert "4.0 MiB" in agent.cli("status").stdout
     assert agent.cli("disable").stdout.strip() == "splicing disabled"
     assert agent.cli_json("status")["enabled"] is False
     assert agent.cli("enable").stdout.strip() == "splicing enabled"

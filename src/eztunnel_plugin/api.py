@@ -60,6 +60,8 @@ class Inspector(pb_grpc.InspectorServicer):  # type: ignore[misc]
             status.enabled = dp.enabled
             status.reused_pins = dp.reused
             status.programs_attached.extend(sorted(dp.links))
+            status.backlog_limit_bytes = dp.config().backlog_limit
+            status.capture_ports.extend(dp.capture_ports())
         if a.xds is not None and a.state is not None:
             st = a.xds.stats
             status.xds.address = a.xds.config.address

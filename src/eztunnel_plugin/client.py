@@ -80,6 +80,8 @@ def status(args: argparse.Namespace) -> int:
         ("cgroup", s.cgroup),
         ("programs attached", ", ".join(s.programs_attached) or "-"),
         ("reused pins", s.reused_pins),
+        ("capture ports", ", ".join(map(str, s.capture_ports)) or "-"),
+        ("backlog limit", human_bytes(s.backlog_limit_bytes)),
         ("endpoint source", s.endpoint_source),
         ("uptime", f"{s.uptime_seconds:.0f} s"),
     ]
