@@ -566,6 +566,7 @@ int ez_msg(struct sk_msg_md *msg)
 	struct ez_sock_info *info, *peer_info;
 	struct ez_config *cfg;
 	__u64 *cookie, peer;
+	__u32 state;
 	long ret;
 
 	if (!sk)
@@ -576,8 +577,12 @@ int ez_msg(struct sk_msg_md *msg)
 	info = bpf_map_lookup_elem(&ez_sockinfo, cookie);
 	if (!info)
 		return SK_PASS;
-	/* First byte before pairing: this socket goes through TCP for good. */
-	if (taint_from(info, EZ_UNPAIRED) || info->state != EZ_PAIRED)
+	/* First byte before pairing: this socket goes through TCP for good. The plain
+	 * read keeps the locked compare-and-swap off the per-message path of paired sockets. */
+	state = info->state;
+	if (state == EZ_UNPAIRED && taint_from(info, EZ_UNPAIRED))
+		goto pass;
+	if (info->state != EZ_PAIRED)
 		goto pass;
 	/* Kill switch: once through TCP, never back (the peer reads its queue first). */
 	cfg = get_config();
