@@ -47,7 +47,12 @@ class Istiod:
              "--listen", self.addr, "--poll-interval", "0.1"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        wait_for(lambda: _listening(self.addr), what="fake istiod listening")
+        try:
+            wait_for(lambda: _listening(self.addr), what="fake istiod listening")
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise
 
     def push(self, workloads: list[dict[str, object]]) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -223,9 +228,9 @@ def test_grpcurl_reflection_and_every_method(lab: Lab, istiod: Istiod, agent: Ag
     finish_hold(flow, rounds=1)
 
 
-def test_stale_feed_turns_health_off_and_back(lab: Lab, tmp_path: Path) -> None:
+def test_stale_feed_turns_health_off_and_back(lab: Lab, istiod: Istiod) -> None:
     a = lab.add_pod()
-    server = Istiod(lab, tmp_path / "w.yaml")
+    server = istiod  # the fixture kills it even if the test fails before we do
     server.push([workload(a, "a")])
     metrics = f"127.0.0.1:{free_port()}"
     agent = AgentProc(lab, "--xds-address", server.addr, "--xds-plaintext", "--node-name", NODE,
