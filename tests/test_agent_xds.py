@@ -126,13 +126,20 @@ def test_enrolment_follows_istiod_and_flows_splice(
     finish_hold(flow, rounds=2)
 
 
-def test_restart_keeps_flows_and_reconverges(lab: Lab, istiod: Istiod, agent: AgentProc) -> None:
+def spliced_pair(
+    lab: Lab, istiod: Istiod, agent: AgentProc
+) -> tuple[Pod, Pod, subprocess.Popen[bytes]]:
+    """Two pods istiod enrolls, and a live connection a -> b:9000 between them."""
     a, b = lab.add_pod(), lab.add_pod()
     istiod.push([workload(a, "a"), workload(b, "b")])
     agent.wait_serving()
     wait_for(lambda: len(enrolled(agent)) == 4, what="enrolled")
     hold_server(lab, b, "0.0.0.0", 9000)
-    flow = hold_client(lab, a, b.ip4, 9000)
+    return a, b, hold_client(lab, a, b.ip4, 9000)
+
+
+def test_restart_keeps_flows_and_reconverges(lab: Lab, istiod: Istiod, agent: AgentProc) -> None:
+    a, _b, flow = spliced_pair(lab, istiod, agent)
 
     agent.proc.kill()
     agent.proc.wait(timeout=10)
@@ -181,12 +188,7 @@ def grpcurl(addr: str, *rest: str, flags: tuple[str, ...] = ()) -> str:
 
 
 def test_grpcurl_reflection_and_every_method(lab: Lab, istiod: Istiod, agent: AgentProc) -> None:
-    a, b = lab.add_pod(), lab.add_pod()
-    istiod.push([workload(a, "a"), workload(b, "b")])
-    agent.wait_serving()
-    wait_for(lambda: len(enrolled(agent)) == 4, what="enrolled")
-    hold_server(lab, b, "0.0.0.0", 9000)
-    flow = hold_client(lab, a, b.ip4, 9000)
+    a, b, flow = spliced_pair(lab, istiod, agent)
 
     services = grpcurl(agent.addr, "list").split()
     assert {"eztunnel.v1.Inspector", "grpc.health.v1.Health"} <= set(services)

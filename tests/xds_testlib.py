@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from google.protobuf import any_pb2
 
+from eztunnel_plugin.aio import cancel_all
 from eztunnel_plugin.fake_istiod import FakeIstiod, make_resource
 from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2
 from eztunnel_plugin.pb.istio.security import authorization_pb2 as authz_pb
@@ -140,11 +141,7 @@ async def stack(
     try:
         yield Stack(fake, client, state, rec, sink)
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_all(tasks)
         await fake.stop()
 
 

@@ -10,13 +10,13 @@ place, so acceleration survives restarts and rolling upgrades.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import platform
 import signal
 import time
 from dataclasses import dataclass
 
 from eztunnel_plugin import __version__, api, bpfsys, dataplane, log, metrics
+from eztunnel_plugin.aio import cancel_all
 from eztunnel_plugin.api import ApiServer
 from eztunnel_plugin.config import AgentConfig
 from eztunnel_plugin.endpoints_file import StaticEndpoints
@@ -130,11 +130,7 @@ class Agent:
             self.ready = False
             await self._api.set_serving(False)
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_all(tasks)
             if metrics_server is not None:
                 metrics_server.close()
             await self._api.stop(grace=1.0)

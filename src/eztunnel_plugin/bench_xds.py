@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from eztunnel_plugin import log
+from eztunnel_plugin.aio import cancel_all
 from eztunnel_plugin.fake_istiod import FakeIstiod, authorization_resource, workload_resource
 from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2
 from eztunnel_plugin.pb.istio.security import authorization_pb2 as authz_pb
@@ -198,11 +199,7 @@ async def bench_pipeline(
         out["change_to_sink_p99_ms"] = _pct(lat, 99) * 1000
         out["change_to_sink_max_ms"] = max(lat) * 1000
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_all(tasks)
         await fake.stop()
     return out
 
