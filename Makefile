@@ -6,8 +6,10 @@ PY_BOOT ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PKG := src/eztunnel_plugin
+# The lab (simulator, demo, fake istiod, benchmarks): its own distribution, lab/pyproject.toml.
+LAB := src/eztunnel_lab
 BPF_OBJ := $(PKG)/data/eztunnel.bpf.o
-SIMMARK_OBJ := $(PKG)/data/simmark.bpf.o
+SIMMARK_OBJ := $(LAB)/data/simmark.bpf.o
 VMLINUX := bpf/vmlinux.h
 STAMP := build/stamps
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 iptables iperf3 sockperf \
@@ -31,11 +33,11 @@ $(STAMP)/apt: Makefile
 	fi
 	@touch $@
 
-$(STAMP)/venv: pyproject.toml $(STAMP)/apt
+$(STAMP)/venv: pyproject.toml lab/pyproject.toml $(STAMP)/apt
 	@mkdir -p $(STAMP)
 	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -e ./lab
 	@touch $@
 
 $(STAMP)/npm: package.json $(STAMP)/apt
@@ -49,31 +51,42 @@ deps: $(STAMP)/venv $(STAMP)/npm
 $(VMLINUX): $(STAMP)/apt
 	bpftool btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
 
+# BPF target architecture, derived from the build machine as libbpf-bootstrap does
+# (only PT_REGS-style macros depend on it; CO-RE does the rest). Override: ARCH=arm64.
+ARCH ?= $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/arm.*/arm/' -e 's/aarch64/arm64/' \
+	-e 's/ppc64le/powerpc/' -e 's/mips.*/mips/' -e 's/riscv64/riscv/' -e 's/loongarch64/loongarch/')
+BPF_CFLAGS := -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_$(ARCH) -Wall -Werror -I bpf
+
 $(BPF_OBJ): bpf/eztunnel.bpf.c bpf/eztunnel.h $(VMLINUX)
 	@mkdir -p $(dir $@)
-	clang -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_x86 -Wall -Werror \
-	  -I bpf -c bpf/eztunnel.bpf.c -o $@
+	clang $(BPF_CFLAGS) -c bpf/eztunnel.bpf.c -o $@
+
+# The same object somewhere else, for another ARCH or with test-only defines:
+#   make bpf-object BPF_OUT=/tmp/x.o ARCH=arm64 BPF_DEFINES=-DEZ_SOCKHASH_ENTRIES=2
+# (order-only on vmlinux.h: never regenerates anything in the tree).
+BPF_OUT ?= build/eztunnel.bpf.o
+.PHONY: bpf-object
+bpf-object: bpf/eztunnel.bpf.c bpf/eztunnel.h | $(VMLINUX)
+	@mkdir -p $(dir $(BPF_OUT))
+	clang $(BPF_CFLAGS) $(BPF_DEFINES) -c bpf/eztunnel.bpf.c -o $(BPF_OUT)
 
 # The simulator's stand-in for ztunnel's SO_MARK (a cgroup sock_create program).
 $(SIMMARK_OBJ): bpf/simmark.bpf.c $(VMLINUX)
 	@mkdir -p $(dir $@)
-	clang -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_x86 -Wall -Werror \
-	  -I bpf -c bpf/simmark.bpf.c -o $@
+	clang $(BPF_CFLAGS) -c bpf/simmark.bpf.c -o $@
 
-$(PROTO_STAMP): $(PROTOS) $(STAMP)/venv
-	find $(PKG)/pb -mindepth 1 -type f -not -path $(PKG)/pb/__init__.py -delete
-	find $(PKG)/pb -mindepth 1 -type d -empty -delete
-	$(PY) -m grpc_tools.protoc -Ieztunnel_plugin/pb=proto --python_out=src --pyi_out=src \
-	  --grpc_python_out=src $(PROTOS)
-	find $(PKG)/pb -type d -exec touch {}/__init__.py \;
+# Protos import each other by their path under proto/ (`protoc -I proto` works in
+# any language); tools/gen_pb.py maps them into the package and adds typed stubs.
+$(PROTO_STAMP): $(PROTOS) tools/gen_pb.py $(STAMP)/venv
+	$(PY) tools/gen_pb.py proto $(PKG)/pb
 	@touch $@
 
 build: deps $(BPF_OBJ) $(SIMMARK_OBJ) $(PROTO_STAMP)
 
 # --- checks -------------------------------------------------------------------
 lint: build
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests tools
+	$(VENV)/bin/ruff format --check src tests tools
 	$(VENV)/bin/mypy
 
 test: build
@@ -81,15 +94,15 @@ test: build
 
 # --- the main job and benchmarks --------------------------------------------
 demo: build
-	$(VENV)/bin/eztunnel-plugin demo
+	$(VENV)/bin/eztunnel-lab demo
 
 bench-dataplane: build
-	$(PY) -m eztunnel_plugin.bench dataplane
+	$(VENV)/bin/eztunnel-lab bench dataplane
 
 bench: build
-	$(PY) -m eztunnel_plugin.bench all
+	$(VENV)/bin/eztunnel-lab bench all
 
 clean:
-	rm -rf build $(PKG)/data $(VMLINUX) node_modules
+	rm -rf build $(PKG)/data $(LAB)/data $(VMLINUX) node_modules
 	find $(PKG)/pb -mindepth 1 -type f -not -path $(PKG)/pb/__init__.py -delete
 	find $(PKG)/pb -mindepth 1 -type d -empty -delete

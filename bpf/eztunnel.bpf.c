@@ -3,10 +3,12 @@
  * eztunnel: pair local TCP sockets and move bytes socket-to-socket.
  *
  * sockops registers connect() sockets when they become established and pairs
- * accept() sockets with them (design.md section 2); sk_msg redirects each
- * message of a paired socket into its peer's receive queue. A socket is
- * redirected from its first byte or never (UNPAIRED -> PAIRED -> TAINTED, or
- * UNPAIRED -> TAINTED, only by compare-and-swap), so bytes never reorder.
+ * accept() sockets with them (docs/dataplane.md, "Pairing"): a candidate found by
+ * one of three rules is taken only when its handshake is ours (both ends of one
+ * connection hold the same two sequence numbers; NAT never rewrites them). sk_msg
+ * redirects each message of a paired socket into its peer's receive queue. A
+ * socket is redirected from its first byte or never (states change only by
+ * compare-and-swap, see enum ez_sock_state), so bytes never reorder.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -20,12 +22,24 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+/* A test builds an object with a tiny sockhash to fill it; production never sets this. */
+#ifndef EZ_SOCKHASH_ENTRIES
+#define EZ_SOCKHASH_ENTRIES EZ_MAX_SOCKETS
+#endif
+
+/* Pair counters per rule sit right after EZ_CNT_PAIRS, in rule order. */
+_Static_assert(EZ_CNT_PAIRS + EZ_RULE_NETNS_MIRROR == EZ_CNT_PAIRS_NETNS_MIRROR, "rule order");
+_Static_assert(EZ_CNT_PAIRS + EZ_RULE_CAPTURE == EZ_CNT_PAIRS_CAPTURE, "rule order");
+_Static_assert(EZ_CNT_PAIRS + EZ_RULE_CROSS_MIRROR == EZ_CNT_PAIRS_CROSS_MIRROR, "rule order");
+/* index_claims holds one bit per index kind. */
+_Static_assert(EZ_IDX_CROSS_MIRROR < 8, "index kinds fit index_claims");
+
 /* ---- maps ------------------------------------------------------------ */
 
 /* Paired sockets, keyed by their own socket cookie. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
-	__uint(max_entries, EZ_MAX_SOCKETS);
+	__uint(max_entries, EZ_SOCKHASH_ENTRIES);
 	__type(key, __u64);
 	__type(value, __u64);
 } ez_socks SEC(".maps");
@@ -73,7 +87,7 @@ struct {
 	__type(value, struct ez_addr);
 } ez_netns SEC(".maps");
 
-/* Capture ports (host order) whose passive sockets pair by client endpoint. */
+/* Capture ports (host order) whose passive sockets may pair by handshake alone. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, EZ_MAX_CAPTURE_PORTS);
@@ -148,13 +162,16 @@ static __always_inline bool loopback(const struct ez_addr *a)
 	       (a->a[3] & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000);
 }
 
-/* A socket of ours as user space and sk_msg see it: tuple and netns. */
+/* A socket of ours as user space and sk_msg see it: tuple and netns, and its
+ * handshake (the sequence numbers both ends of one connection share). */
 struct ez_tuple {
 	struct ez_addr local;
 	struct ez_addr remote;
 	__u16 local_port;
 	__u16 remote_port;
 	__u64 netns;
+	__u32 snd_nxt; /* at ESTABLISHED: own ISN + 1 */
+	__u32 rcv_nxt; /* at ESTABLISHED: the other end's ISN + 1 */
 };
 
 static __always_inline bool read_tuple(struct bpf_sock_ops *ops, struct ez_tuple *t)
@@ -168,6 +185,10 @@ static __always_inline bool read_tuple(struct bpf_sock_ops *ops, struct ez_tuple
 	__u32 r0 = ops->remote_ip6[0], r1 = ops->remote_ip6[1];
 	__u32 r2 = ops->remote_ip6[2], r3 = ops->remote_ip6[3];
 
+	/* At the ESTABLISHED callbacks no data has moved yet (TFO aside, which never
+	 * matches): the connecting side holds ISN_c+1 / ISN_s+1, its peer the reverse. */
+	t->snd_nxt = ops->snd_nxt;
+	t->rcv_nxt = ops->rcv_nxt;
 	if (family == AF_INET) {
 		t->local.a[2] = bpf_htonl(0xffff);
 		t->local.a[3] = l4;
@@ -186,17 +207,21 @@ static __always_inline bool read_tuple(struct bpf_sock_ops *ops, struct ez_tuple
 	return true;
 }
 
+/* Remember which netns an enrolled (non-loopback) address lives in, so that
+ * loopback flows inside that pod are in scope too. */
+static __always_inline void learn_netns(struct ez_tuple *t, bool local_enrolled)
+{
+	if (local_enrolled && !loopback(&t->local))
+		bpf_map_update_elem(&ez_netns, &t->netns, &t->local, BPF_ANY);
+}
+
 /*
  * In scope: either end is an enrolled endpoint, or it is a loopback flow in a
  * netns where an enrolled address lives (loopback inside an enrolled pod).
  */
-static __always_inline bool in_scope(struct ez_tuple *t)
+static __always_inline bool in_scope(struct ez_tuple *t, bool local_enrolled)
 {
-	bool local = enrolled(&t->local);
-
-	if (local && !loopback(&t->local))
-		bpf_map_update_elem(&ez_netns, &t->netns, &t->local, BPF_ANY);
-	if (local || enrolled(&t->remote))
+	if (local_enrolled || enrolled(&t->remote))
 		return true;
 	if (!loopback(&t->local) || !loopback(&t->remote))
 		return false;
@@ -205,37 +230,60 @@ static __always_inline bool in_scope(struct ez_tuple *t)
 	return owner && enrolled(owner);
 }
 
+/* The index key of kind `kind` for an active socket with tuple `t` (a passive
+ * socket looks up its mirrored tuple, whose snd/rcv are swapped likewise). */
 static __always_inline void index_key(struct ez_index_key *k, struct ez_tuple *t, __u32 kind)
 {
 	__builtin_memset(k, 0, sizeof(*k));
 	k->kind = kind;
 	k->local = t->local;
-	k->local_port = t->local_port;
-	if (kind != EZ_IDX_CLIENT_EP) {
-		k->remote = t->remote;
-		k->remote_port = t->remote_port;
+	if (kind == EZ_IDX_HANDSHAKE) {
+		/* No ports: NAT may remap them; the sequence numbers it never rewrites. */
+		k->netns = t->netns;
+		k->hs_client_nxt = t->snd_nxt;
+		k->hs_server_nxt = t->rcv_nxt;
+		return;
 	}
-	if (kind != EZ_IDX_CROSS_MIRROR)
+	k->local_port = t->local_port;
+	k->remote = t->remote;
+	k->remote_port = t->remote_port;
+	if (kind == EZ_IDX_NETNS_MIRROR)
 		k->netns = t->netns;
 }
 
-/* Publish one index entry; a second claimant makes the key ambiguous. */
+/*
+ * Publish one index key, or join it as a further claimant, which marks it
+ * ambiguous. The entry lives until its last claimant closed, so no socket can
+ * publish a clean entry for a key that another live socket tried to publish.
+ * Returns the claim bit the socket now holds (0: none).
+ */
 static __always_inline __u8 publish(struct ez_tuple *t, __u32 kind, __u64 cookie)
 {
+	struct ez_index_value v = { .cookie = cookie, .claims = 1 };
 	struct ez_index_key k;
-	struct ez_index_value v = { .cookie = cookie };
 	struct ez_index_value *old;
+	__u32 n;
 
 	index_key(&k, t, kind);
-	if (!bpf_map_update_elem(&ez_index, &k, &v, BPF_NOEXIST))
-		return 1 << kind;
-	old = bpf_map_lookup_elem(&ez_index, &k);
-	if (old)
+	for (int i = 0; i < 3; i++) {
+		if (!bpf_map_update_elem(&ez_index, &k, &v, BPF_NOEXIST))
+			return 1 << kind;
+		old = bpf_map_lookup_elem(&ez_index, &k);
+		if (!old)
+			continue; /* its last claimant deleted it meanwhile: publish afresh */
 		old->ambiguous = 1;
+		/* A count of 0 means its last claimant is deleting it: never revive it. */
+		n = old->claims;
+		if (n && __sync_val_compare_and_swap(&old->claims, n, n + 1) == n)
+			return 1 << kind;
+	}
+	/* Map full, or a dying entry we could not replace: this socket is not
+	 * findable through this key; the handshake check covers the rest. */
 	return 0;
 }
 
-static __always_inline void unpublish(struct ez_sock_info *info, __u64 cookie)
+/* Drop this socket's claims; the last claimant of a key deletes its entry. */
+static __always_inline void unpublish(struct ez_sock_info *info)
 {
 	struct ez_tuple t = {
 		.local = info->local,
@@ -243,16 +291,19 @@ static __always_inline void unpublish(struct ez_sock_info *info, __u64 cookie)
 		.local_port = info->local_port,
 		.remote_port = info->remote_port,
 		.netns = info->netns,
+		.snd_nxt = info->hs_snd_nxt,
+		.rcv_nxt = info->hs_rcv_nxt,
 	};
 	struct ez_index_key k;
 	struct ez_index_value *v;
 
 	for (__u32 kind = EZ_IDX_NETNS_MIRROR; kind <= EZ_IDX_CROSS_MIRROR; kind++) {
-		if (!(info->index_owned & (1 << kind)))
+		if (!(info->index_claims & (1 << kind)))
 			continue;
 		index_key(&k, &t, kind);
 		v = bpf_map_lookup_elem(&ez_index, &k);
-		if (v && v->cookie == cookie)
+		/* Our claim kept the entry alive, so it is the one we claimed. */
+		if (v && __sync_fetch_and_add(&v->claims, -1) == 1)
 			bpf_map_delete_elem(&ez_index, &k);
 	}
 }
@@ -268,6 +319,8 @@ static __always_inline struct ez_sock_info *new_info(struct ez_tuple *t, __u64 c
 		.local_port = t->local_port,
 		.remote_port = t->remote_port,
 		.active = active,
+		.hs_snd_nxt = t->snd_nxt,
+		.hs_rcv_nxt = t->rcv_nxt,
 	};
 
 	if (bpf_map_update_elem(&ez_sockinfo, &cookie, &info, BPF_NOEXIST))
@@ -296,6 +349,19 @@ static __always_inline bool taint_from(struct ez_sock_info *info, __u32 from)
 		return false;
 	info->tainted_ns = bpf_ktime_get_ns();
 	return true;
+}
+
+/* From whatever state to TCP for good: every state may go there. A pairing that
+ * completed since the caller looked is simply ended (redirect -> TCP keeps order). */
+static __always_inline void taint_now(struct ez_sock_info *info)
+{
+	__u32 old = __sync_lock_test_and_set(&info->state, EZ_TAINTED);
+
+	if (old == EZ_TAINTED)
+		return;
+	info->tainted_ns = bpf_ktime_get_ns();
+	if (old == EZ_PAIRED)
+		count(EZ_CNT_TAINTED, 1);
 }
 
 static __always_inline void taint(struct ez_sock_info *info)
@@ -343,22 +409,26 @@ static __always_inline void on_active(struct bpf_sock_ops *ops, struct ez_tuple 
 		return;
 	}
 	info->sk_addr = (__u64)(unsigned long)ops->sk;
-	/* Close callbacks clean the side tables (the kernel only cleans the sockhash). */
-	bpf_sock_ops_cb_flags_set(ops, EZ_CB_FLAGS);
 	if (bpf_sock_hash_update(ops, &ez_socks, &cookie, BPF_NOEXIST)) {
-		/* Not in the sockhash: sk_msg never sees it, so it must never pair. */
+		/* Not in the sockhash: sk_msg never sees it, so it must never pair. It
+		 * needs the close callback only: RTT callbacks would run on every ACK
+		 * of its whole life, and could never let it leave a map it is not in. */
 		taint_from(info, EZ_UNPAIRED);
+		bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
 		count(EZ_NP_MAP_FULL, 1);
 		return;
 	}
-	info->index_owned |= publish(t, EZ_IDX_NETNS_MIRROR, cookie);
-	info->index_owned |= publish(t, EZ_IDX_CLIENT_EP, cookie);
+	/* Close callbacks clean the side tables (the kernel only cleans the sockhash). */
+	bpf_sock_ops_cb_flags_set(ops, EZ_CB_FLAGS);
+	info->index_claims |= publish(t, EZ_IDX_NETNS_MIRROR, cookie);
+	info->index_claims |= publish(t, EZ_IDX_HANDSHAKE, cookie);
 	if (enrolled(&t->local) && enrolled(&t->remote))
-		info->index_owned |= publish(t, EZ_IDX_CROSS_MIRROR, cookie);
+		info->index_claims |= publish(t, EZ_IDX_CROSS_MIRROR, cookie);
 	count(EZ_CNT_ACTIVE_REGISTERED, 1);
 }
 
-/* Find the active socket this accept() socket should be paired with. */
+/* Find the active socket this accept() socket should be paired with: the first
+ * rule whose key exists decides. The caller still checks the handshake. */
 static __always_inline __u64 find_peer(struct ez_tuple *t, __u32 *rule, __u32 *reason)
 {
 	struct ez_tuple mirror = {
@@ -367,6 +437,8 @@ static __always_inline __u64 find_peer(struct ez_tuple *t, __u32 *rule, __u32 *r
 		.local_port = t->remote_port,
 		.remote_port = t->local_port,
 		.netns = t->netns,
+		.snd_nxt = t->rcv_nxt,
+		.rcv_nxt = t->snd_nxt,
 	};
 	struct ez_index_key k;
 	struct ez_index_value *v;
@@ -379,9 +451,10 @@ static __always_inline __u64 find_peer(struct ez_tuple *t, __u32 *rule, __u32 *r
 		*rule = EZ_RULE_NETNS_MIRROR;
 		goto found;
 	}
-	/* 2. Same netns, capture port: the client endpoint is our remote end. */
+	/* 2. Same netns, capture port: REDIRECT rewrote the destination (and maybe
+	 * the client's port), so look the handshake up from the client's address. */
 	if (bpf_map_lookup_elem(&ez_ports, &port)) {
-		index_key(&k, &mirror, EZ_IDX_CLIENT_EP);
+		index_key(&k, &mirror, EZ_IDX_HANDSHAKE);
 		v = bpf_map_lookup_elem(&ez_index, &k);
 		if (v) {
 			*rule = EZ_RULE_CAPTURE;
@@ -408,10 +481,16 @@ found:
 	return v->cookie;
 }
 
+/* Why a candidate in state `state` can no longer be ours. */
+static __always_inline __u32 busy_reason(__u32 state)
+{
+	return state == EZ_TAINTED ? EZ_NP_TAINTED : EZ_NP_PEER_TAKEN;
+}
+
 /* accept() side: pair with the registered active socket, or leave untouched. */
 static __always_inline void on_passive(struct bpf_sock_ops *ops, struct ez_tuple *t)
 {
-	__u32 rule = EZ_RULE_NONE, reason = EZ_NP_NO_PEER;
+	__u32 rule = EZ_RULE_NONE, reason = EZ_NP_NO_PEER, state;
 	struct ez_sock_info *mine, *peer;
 	__u64 cookie, peer_cookie;
 
@@ -426,8 +505,19 @@ static __always_inline void on_passive(struct bpf_sock_ops *ops, struct ez_tuple
 		return;
 	}
 	peer = bpf_map_lookup_elem(&ez_sockinfo, &peer_cookie);
-	if (!peer || peer->state != EZ_UNPAIRED) {
-		count(EZ_NP_TAINTED, 1);
+	if (!peer) {
+		count(EZ_NP_PEER_MISSING, 1);
+		return;
+	}
+	/* The proof: the two ends of one connection hold its two sequence numbers,
+	 * crosswise, and no NAT rewrites them. Nothing else is ever paired. */
+	if (peer->hs_snd_nxt != t->rcv_nxt || peer->hs_rcv_nxt != t->snd_nxt) {
+		count(EZ_NP_HANDSHAKE_MISMATCH, 1);
+		return;
+	}
+	state = peer->state;
+	if (state != EZ_UNPAIRED) {
+		count(busy_reason(state), 1);
 		return;
 	}
 	cookie = bpf_get_socket_cookie(ops);
@@ -438,30 +528,62 @@ static __always_inline void on_passive(struct bpf_sock_ops *ops, struct ez_tuple
 			bpf_map_delete_elem(&ez_sockinfo, &cookie);
 		return;
 	}
-	mine->peer_cookie = peer_cookie;
-	mine->rule = rule;
 	mine->sk_addr = (__u64)(unsigned long)ops->sk;
-	mine->peer_sk_addr = peer->sk_addr;
-	bpf_sock_ops_cb_flags_set(ops, EZ_CB_FLAGS);
 	if (bpf_sock_hash_update(ops, &ez_socks, &cookie, BPF_NOEXIST)) {
 		taint_from(mine, EZ_UNPAIRED);
+		bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
 		count(EZ_NP_MAP_FULL, 1);
 		return;
 	}
-	/* The peer's sk_msg reads peer_cookie only once it sees PAIRED. */
+	bpf_sock_ops_cb_flags_set(ops, EZ_CB_FLAGS);
+	/* One winner per active socket: only the passive socket that moves it
+	 * UNPAIRED -> CLAIMED ever writes its peer fields. */
+	state = __sync_val_compare_and_swap(&peer->state, EZ_UNPAIRED, EZ_CLAIMED);
+	if (state != EZ_UNPAIRED) {
+		taint_from(mine, EZ_UNPAIRED);
+		count(busy_reason(state), 1);
+		return;
+	}
+	/* The peer's sk_msg reads these only once it sees PAIRED. */
 	peer->peer_cookie = cookie;
 	peer->peer_sk_addr = mine->sk_addr;
 	peer->rule = rule;
-	if (__sync_val_compare_and_swap(&peer->state, EZ_UNPAIRED, EZ_PAIRED) != EZ_UNPAIRED) {
-		/* The peer sent its first byte through TCP meanwhile. */
+	if (__sync_val_compare_and_swap(&peer->state, EZ_CLAIMED, EZ_PAIRED) != EZ_CLAIMED) {
+		/* Its first byte went through TCP meanwhile (CLAIMED -> TAINTED): nothing
+		 * was redirected either way, so neither side waits for the other. */
+		peer->peer_cookie = 0;
+		peer->peer_sk_addr = 0;
+		peer->rule = EZ_RULE_NONE;
 		taint_from(mine, EZ_UNPAIRED);
 		count(EZ_NP_TAINTED, 1);
 		return;
 	}
-	/* If this fails we already sent through TCP; the peer's direction stays safe. */
+	/* Our own sk_msg cannot run before this callback returns (socket lock). */
+	mine->peer_cookie = peer_cookie;
+	mine->peer_sk_addr = peer->sk_addr;
+	mine->rule = rule;
 	__sync_val_compare_and_swap(&mine->state, EZ_UNPAIRED, EZ_PAIRED);
 	count(EZ_CNT_PAIRS, 1);
 	count(EZ_CNT_PAIRS + rule, 1);
+}
+
+/*
+ * TCP_REPAIR (CAP_NET_ADMIN in the socket's netns) "connects" without a
+ * handshake, with sequence numbers of the caller's choosing, and still fires
+ * ACTIVE_ESTABLISHED: such a socket proves nothing and is never registered.
+ * Unknown counts as repair.
+ */
+static __always_inline bool repair_mode(struct bpf_sock_ops *ops)
+{
+	struct bpf_sock *sk = ops->sk;
+	struct tcp_sock *tp;
+
+	if (!sk)
+		return true;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return true;
+	return BPF_CORE_READ_BITFIELD(tp, repair);
 }
 
 /*
@@ -499,7 +621,7 @@ static __always_inline void on_close(struct bpf_sock_ops *ops)
 
 	if (!info)
 		return;
-	unpublish(info, cookie);
+	unpublish(info);
 	bpf_map_delete_elem(&ez_sockinfo, &cookie);
 	count(EZ_CNT_SOCKETS_CLOSED, 1);
 }
@@ -509,6 +631,7 @@ int ez_sockops(struct bpf_sock_ops *ops)
 {
 	struct ez_tuple t = {};
 	__u32 op = ops->op;
+	bool local_enrolled;
 
 	if (op == BPF_SOCK_OPS_STATE_CB) {
 		if (ops->args[1] == BPF_TCP_CLOSE)
@@ -516,6 +639,7 @@ int ez_sockops(struct bpf_sock_ops *ops)
 		return 1;
 	}
 	if (op == BPF_SOCK_OPS_RTT_CB) {
+		count(EZ_CNT_ACK_CALLBACKS, 1);
 		on_ack(ops);
 		return 1;
 	}
@@ -528,8 +652,14 @@ int ez_sockops(struct bpf_sock_ops *ops)
 		count(EZ_NP_DISABLED, 1);
 		return 1;
 	}
-	if (!in_scope(&t)) {
+	local_enrolled = enrolled(&t.local);
+	learn_netns(&t, local_enrolled);
+	if (!in_scope(&t, local_enrolled)) {
 		count(EZ_NP_OUT_OF_SCOPE, 1);
+		return 1;
+	}
+	if (repair_mode(ops)) {
+		count(EZ_NP_TCP_REPAIR, 1);
 		return 1;
 	}
 	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
@@ -577,12 +707,16 @@ int ez_msg(struct sk_msg_md *msg)
 	info = bpf_map_lookup_elem(&ez_sockinfo, cookie);
 	if (!info)
 		return SK_PASS;
-	/* First byte before pairing: this socket goes through TCP for good. The plain
-	 * read keeps the locked compare-and-swap off the per-message path of paired sockets. */
+	/* First byte before pairing (UNPAIRED, or CLAIMED by a passive socket that
+	 * has not finished): this socket goes through TCP for good, and the pairing's
+	 * last compare-and-swap fails. The plain read keeps the locked exchange off
+	 * the per-message path of paired sockets. */
 	state = info->state;
-	if (state == EZ_UNPAIRED && taint_from(info, EZ_UNPAIRED))
+	if (state == EZ_UNPAIRED || state == EZ_CLAIMED) {
+		taint_now(info);
 		goto pass;
-	if (info->state != EZ_PAIRED)
+	}
+	if (state != EZ_PAIRED)
 		goto pass;
 	/* Kill switch: once through TCP, never back (the peer reads its queue first). */
 	cfg = get_config();
@@ -620,7 +754,8 @@ pass:
 
 /*
  * No-op stream verdict. Attached only where the kernel loses epoll wakeups for
- * sockets in a sockhash without an SK_SKB program (design.md section 4).
+ * sockets in a sockhash without an SK_SKB program (docs/dataplane.md, "Kernel
+ * pitfalls checked by tests").
  */
 SEC("sk_skb/stream_verdict")
 int ez_skb_verdict(struct __sk_buff *skb)

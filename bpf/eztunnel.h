@@ -9,7 +9,7 @@
 
 /* Bump whenever a map's key/value layout or meaning changes. */
 enum ez_layout {
-	EZ_LAYOUT_VERSION = 2,
+	EZ_LAYOUT_VERSION = 3,
 };
 
 /* Map sizes (pinned maps cannot be resized: part of the layout). */
@@ -21,26 +21,32 @@ enum ez_limits {
 	EZ_MAX_CAPTURE_PORTS = 64,
 };
 
-/* Per-socket pairing state; only ever changed with compare-and-swap. */
+/*
+ * Per-socket pairing state; only ever changed atomically: compare-and-swap, or an
+ * exchange to TAINTED, which every state may go to (docs/dataplane.md, "State machine"):
+ *   active:  UNPAIRED -> CLAIMED -> PAIRED -> TAINTED, and UNPAIRED or CLAIMED -> TAINTED
+ *   passive: UNPAIRED -> PAIRED -> TAINTED, and UNPAIRED -> TAINTED
+ */
 enum ez_sock_state {
 	EZ_UNPAIRED = 0, /* no byte sent yet, may still be paired */
 	EZ_TAINTED = 1,  /* bytes went (or go) through TCP: never redirect again */
 	EZ_PAIRED = 2,   /* every byte goes straight to the peer socket */
+	EZ_CLAIMED = 3,  /* one passive socket won this one and writes its peer fields */
 };
 
-/* Which candidate rule paired a socket (design.md section 2). */
+/* Which candidate rule paired a socket (docs/dataplane.md, "Pairing"). */
 enum ez_rule {
 	EZ_RULE_NONE = 0,
 	EZ_RULE_NETNS_MIRROR = 1, /* same netns, exact mirrored tuple */
-	EZ_RULE_CAPTURE = 2,      /* same netns, capture-port NAT pair */
+	EZ_RULE_CAPTURE = 2,      /* same netns, capture port, found by handshake */
 	EZ_RULE_CROSS_MIRROR = 3, /* different netns, unambiguous mirror */
 };
 
 /* Kinds of pairing-index entries an active socket publishes. */
 enum ez_index_kind {
-	EZ_IDX_NETNS_MIRROR = 1,
-	EZ_IDX_CLIENT_EP = 2,
-	EZ_IDX_CROSS_MIRROR = 3,
+	EZ_IDX_NETNS_MIRROR = 1, /* netns + exact tuple */
+	EZ_IDX_HANDSHAKE = 2,    /* netns + client address + both sequence numbers, no ports */
+	EZ_IDX_CROSS_MIRROR = 3, /* exact tuple, any netns */
 };
 
 /* Per-CPU counters; names after the EZ_CNT_ / EZ_NP_ prefix are API. */
@@ -68,6 +74,12 @@ enum ez_counter {
 	EZ_NP_TAINTED,
 	EZ_NP_DATA_BEFORE_PAIRING,
 	EZ_NP_MAP_FULL,
+	/* Appended in layout 3 (earlier values keep their meaning). */
+	EZ_CNT_ACK_CALLBACKS,     /* RTT callbacks run: registered sockets still in the sockhash */
+	EZ_NP_TCP_REPAIR,         /* TCP_REPAIR socket: its sequence numbers prove nothing */
+	EZ_NP_PEER_MISSING,       /* the index named a socket whose state is gone */
+	EZ_NP_HANDSHAKE_MISMATCH, /* the candidate's sequence numbers are not ours */
+	EZ_NP_PEER_TAKEN,         /* another passive socket claimed the candidate first */
 	EZ_CNT_MAX,
 };
 
@@ -94,20 +106,26 @@ struct ez_config {
 	__u32 reserved;
 };
 
-/* Pairing index key: netns is 0 for cross-netns entries; ports host order. */
+/*
+ * Pairing index key, always from the active socket's point of view; unused
+ * fields are 0. NETNS_MIRROR: netns + tuple; CROSS_MIRROR: tuple; HANDSHAKE:
+ * netns, local (the client's address) and both sequence numbers. Ports host order.
+ */
 struct ez_index_key {
 	__u64 netns;
 	struct ez_addr local;
 	struct ez_addr remote;
 	__u16 local_port;
 	__u16 remote_port;
-	__u32 kind; /* enum ez_index_kind */
+	__u32 kind;          /* enum ez_index_kind */
+	__u32 hs_client_nxt; /* HANDSHAKE: the client's ISN + 1 */
+	__u32 hs_server_nxt; /* HANDSHAKE: the server's ISN + 1 */
 };
 
 struct ez_index_value {
-	__u64 cookie;    /* socket that published this entry */
+	__u64 cookie;    /* first socket that published this key */
 	__u32 ambiguous; /* a second socket claimed the same key: never pair */
-	__u32 reserved;
+	__u32 claims;    /* live sockets holding a claim on the key; 0: being deleted */
 };
 
 /* Per-socket state, keyed by socket cookie; reachable from the peer's sockops. */
@@ -123,11 +141,13 @@ struct ez_sock_info {
 	__u16 local_port;  /* host order */
 	__u16 remote_port; /* host order */
 	__u8 active;       /* 1: connect() side */
-	__u8 index_owned;  /* bit (1 << kind) for index entries this socket owns */
+	__u8 index_claims; /* bit (1 << kind): this socket holds a claim on that index key */
 	__u8 reserved[2];
 	__u64 sk_addr;      /* this socket's struct sock, for its peer's backlog check */
 	__u64 peer_sk_addr; /* the peer's struct sock (only ever read with probe reads) */
 	__u64 tainted_ns;   /* when the socket went to TCP for good (bpf_ktime_get_ns) */
+	__u32 hs_snd_nxt;   /* snd_nxt when established: own ISN + 1 */
+	__u32 hs_rcv_nxt;   /* rcv_nxt when established: the other end's ISN + 1 */
 };
 
 /* A socket leaves the sockhash this long after its peer stopped redirecting to it:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,17 +11,22 @@ from pathlib import Path
 
 import pytest
 
+from eztunnel_lab import traffic
+from eztunnel_lab.netlab import Lab, Pod
 from eztunnel_plugin import dataplane, layout
-from eztunnel_plugin.netlab import Lab, Pod
 
 TOOLS = Path(__file__).parent / "tools"
 PY = sys.executable
 
 
-@pytest.fixture
-def lab() -> Iterator[Lab]:
+def require_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("kernel tests need root (BPF, namespaces, cgroups)")
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    require_root()
     with Lab() as node:
         yield node
 
@@ -70,7 +74,7 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condi
 def flowcheck_server(lab: Lab, pod: Pod, port: int, *extra: str) -> subprocess.Popen[bytes]:
     proc = lab.spawn(
         pod,
-        [PY, "-m", "eztunnel_plugin.flowcheck", "server", "--port", str(port), *extra],
+        traffic.command("flowcheck", "server", "--port", str(port), *extra),
         stdout=subprocess.PIPE,
     )
     wait_line(proc, '{"listening"')
@@ -80,27 +84,16 @@ def flowcheck_server(lab: Lab, pod: Pod, port: int, *extra: str) -> subprocess.P
 def flowcheck_client(
     lab: Lab, pod: Pod, host: str, port: int, *extra: str, timeout: float = 120.0
 ) -> dict[str, object]:
+    args = ("--connect", host, "--port", str(port), "--timeout", str(timeout - 10), *extra)
     proc = lab.spawn(
         pod,
-        [
-            PY,
-            "-m",
-            "eztunnel_plugin.flowcheck",
-            "client",
-            "--connect",
-            host,
-            "--port",
-            str(port),
-            "--timeout",
-            str(timeout - 10),
-            *extra,
-        ],
+        traffic.command("flowcheck", "client", *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     out, err = proc.communicate(timeout=timeout)
     assert out, f"flowcheck client printed nothing; stderr: {err.decode()}"
-    result: dict[str, object] = json.loads(out.decode().strip().splitlines()[-1])
+    result: dict[str, object] = traffic.report(out)
     assert result["ok"], f"flowcheck failed: {result}; stderr: {err.decode()[-2000:]}"
     return result
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from eztunnel_plugin.netlab import Lab
+from eztunnel_lab.netlab import Lab
 
 from .conftest import PY, finish_hold, hold_client, hold_server, wait_for, wait_line
 
@@ -30,10 +32,18 @@ def free_port() -> int:
 
 
 class AgentProc:
-    """One `eztunnel-plugin run` process (killed by pid at the end)."""
+    """One `eztunnel-plugin run` process (killed by pid at the end), with an admin
+    socket of its own (a short path: unix socket paths are limited)."""
 
-    def __init__(self, lab: Lab, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, lab: Lab, *args: str, env: dict[str, str] | None = None, admin: Path | None = None
+    ) -> None:
         self.addr = f"127.0.0.1:{free_port()}"
+        self.admin_root: Path | None = None  # removed at stop() when made here
+        if admin is None:
+            self.admin_root = Path(tempfile.mkdtemp(prefix="ezadm-"))
+            admin = self.admin_root / "run" / "admin.sock"
+        self.admin = admin
         self.argv = [
             *CLI,
             "run",
@@ -45,6 +55,8 @@ class AgentProc:
             self.addr,
             "--log-format",
             "json",
+            "--admin-socket",
+            str(self.admin),
             *args,
         ]
         self.env = {**os.environ, **(env or {})}
@@ -57,8 +69,9 @@ class AgentProc:
         return self.proc
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        admin = ["--admin-socket", str(self.admin)] if args[0] in ("enable", "disable") else []
         r = subprocess.run(
-            [*CLI, *args, "--grpc-addr", self.addr],
+            [*CLI, *args, "--grpc-addr", self.addr, *admin],
             capture_output=True,
             text=True,
             timeout=30,
@@ -80,10 +93,24 @@ class AgentProc:
 
         wait_for(serving, timeout, "agent SERVING")
 
+    def terminate(self) -> str:
+        """SIGTERM, wait, and return what the agent logged."""
+        self.proc.terminate()
+        _, err = self.proc.communicate(timeout=15)
+        return err.decode()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        if self.admin_root is not None:
+            shutil.rmtree(self.admin_root, ignore_errors=True)
+
+
+def log_events(log: str, event: str) -> list[dict[str, Any]]:
+    """The agent's JSON log lines of one event."""
+    lines = (json.loads(line) for line in log.splitlines() if line.startswith("{"))
+    return [e for e in lines if e.get("event") == event]
 
 
 @pytest.fixture
@@ -188,6 +215,10 @@ def test_endpoints_file_reload_and_cli(lab: Lab, agents: list[AgentProc], tmp_pa
     [
         (["--grpc-listen", "0.0.0.0:15081"], {}, "--grpc-listen"),
         (["--grpc-listen", "nonsense"], {}, "--grpc-listen"),
+        (["--metrics-listen", "0.0.0.0:15082"], {}, "--metrics-listen"),
+        (["--admin-socket", "run/admin.sock"], {}, "--admin-socket"),
+        (["--admin-socket", "/run/ez admin.sock"], {}, "--admin-socket"),
+        (["--admin-socket", "/run/" + "x" * 100], {}, "--admin-socket"),
         (["--endpoints-file", "/nonexistent/eps.yaml"], {}, "--endpoints-file"),
         (["--log-format", "xml", "--endpoints-file", "/dev/null"], {}, "--log-format"),
         (["--cgroup", "/nonexistent"], {"NODE_NAME": "n"}, "--cgroup"),
@@ -234,9 +265,78 @@ def test_agent_process_stays_lean() -> None:
     probe = (
         "import sys\n"
         "from eztunnel_plugin import agent, cli\n"
-        "cli.build_parser('run')\n"
+        "cli.build_parser()\n"
         "heavy = {'pylibbpf', 'llvmlite', 'cryptography', 'matplotlib', 'numpy'}\n"
         "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n"
     )
     r = subprocess.run([PY, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert r.stdout.strip() == "[]"
+
+
+# ---- metrics listener ------------------------------------------------------------------
+
+
+def http(addr: str, request: bytes) -> bytes:
+    """Send raw bytes, return everything the server answers before it closes."""
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=15) as s:
+        s.sendall(request)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_metrics_refuse_oversize_and_bad_requests_without_traceback(
+    lab: Lab, agents: list[AgentProc], tmp_path: Path
+) -> None:
+    a = lab.add_pod()
+    metrics = f"127.0.0.1:{free_port()}"
+    agent = AgentProc(lab, "--endpoints-file", str(endpoints_file(tmp_path / "e", a.ip4)),
+                      "--metrics-listen", metrics)  # fmt: skip
+    agents.append(agent)
+    agent.wait_serving()
+    huge = b"a" * (100 << 10)
+    assert http(metrics, b"GET /" + huge + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 431 ")
+    header = b"GET /metrics HTTP/1.1\r\nX-Big: " + huge + b"\r\n\r\n"
+    assert http(metrics, header).startswith(b"HTTP/1.0 431 ")
+    many = b"GET /metrics HTTP/1.1\r\n" + b"X-A: b\r\n" * 1000 + b"\r\n"
+    assert http(metrics, many).startswith(b"HTTP/1.0 431 ")
+    assert http(metrics, b"\x16\x03\x01garbage\r\n\r\n").startswith(b"HTTP/1.0 400 ")
+    assert http(metrics, b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 405 ")
+    assert http(metrics, b"GET /nope HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 404 ")
+    ok = http(metrics, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.0 200 ") and b"eztunnel_endpoints 1" in ok
+    log = agent.terminate()
+    assert "Traceback" not in log and "metrics.error" not in log, log
+
+
+def test_metrics_bound_connections_and_their_time(
+    lab: Lab, agents: list[AgentProc], tmp_path: Path
+) -> None:
+    from eztunnel_plugin import metrics as metrics_module
+
+    a = lab.add_pod()
+    metrics = f"127.0.0.1:{free_port()}"
+    agent = AgentProc(lab, "--endpoints-file", str(endpoints_file(tmp_path / "e", a.ip4)),
+                      "--metrics-listen", metrics)  # fmt: skip
+    agents.append(agent)
+    agent.wait_serving()
+    host, port = metrics.rsplit(":", 1)
+    idle = [
+        socket.create_connection((host, int(port)), timeout=15)
+        for _ in range(metrics_module.MAX_CONNECTIONS)
+    ]
+    try:
+        # Every slot is held by a client that sends nothing: the next one is refused...
+        assert http(metrics, b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 503 ")
+        # ...and the idle ones are closed by the server, not kept forever.
+        for s in idle:
+            while s.recv(65536):
+                pass
+    finally:
+        for s in idle:
+            s.close()
+    wait_for(lambda: http(metrics, b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 200"),
+             what="metrics served again")  # fmt: skip
+    assert "Traceback" not in agent.terminate()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from eztunnel_plugin.netlab import Lab, Pod
+from eztunnel_lab.netlab import Lab, Pod
 
 from .conftest import PY, finish_hold, hold_client, hold_server, wait_for, wait_line
 from .test_agent import AgentProc, free_port
@@ -43,7 +43,7 @@ class Istiod:
         self.addr = f"127.0.0.1:{free_port()}"
         self.push([])
         self.proc = subprocess.Popen(
-            [PY, "-m", "eztunnel_plugin", "fake-istiod", "--workloads", str(path),
+            [PY, "-m", "eztunnel_lab", "fake-istiod", "--workloads", str(path),
              "--listen", self.addr, "--poll-interval", "0.1"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -192,10 +192,11 @@ def test_grpcurl_reflection_and_every_method(lab: Lab, istiod: Istiod, agent: Ag
 
     services = grpcurl(agent.addr, "list").split()
     assert {"eztunnel.v1.Inspector", "grpc.health.v1.Health"} <= set(services)
+    assert "eztunnel.v1.Admin" not in services  # state changes: the admin socket only
     desc = grpcurl(agent.addr, "describe", "eztunnel.v1.Inspector")
-    for method in ("GetStatus", "ListEndpoints", "ListFlows", "GetStats", "SetEnabled",
-                   "WatchEvents"):  # fmt: skip
+    for method in ("GetStatus", "ListEndpoints", "ListFlows", "GetStats", "WatchEvents"):
         assert f"rpc {method}" in desc
+    assert "SetEnabled" not in desc
 
     def call(method: str, body: str = "{}") -> Any:
         out = grpcurl(agent.addr, f"eztunnel.v1.Inspector/{method}", flags=("-d", body))
@@ -204,13 +205,24 @@ def test_grpcurl_reflection_and_every_method(lab: Lab, istiod: Istiod, agent: Ag
     assert call("GetStatus")["node"] == NODE
     assert {e["ip"] for e in call("ListEndpoints")["endpoints"]} == {a.ip4, a.ip6, b.ip4, b.ip6}
     page = call("ListFlows", '{"page_size": 1}')
-    assert page["total"] == 1 and page["flows"][0]["rule"] == "cross_mirror"
+    assert len(page["flows"]) == 1 and page["flows"][0]["rule"] == "cross_mirror"
     stats = call("GetStats")
     assert int(stats["counters"]["pairs"]) == 1
     assert "no_peer" in stats["not_paired_reasons"]
-    assert call("SetEnabled", '{"enabled": false}') == {}  # false is the default value
+
+    # The kill switch: on the admin socket, with reflection there too.
+    unix = ("-unix",)
+    admin = str(agent.admin)
+    assert {"eztunnel.v1.Admin", "grpc.reflection.v1alpha.ServerReflection"} <= set(
+        grpcurl(admin, "list", flags=unix).split()
+    )
+    assert "rpc SetEnabled" in grpcurl(admin, "describe", "eztunnel.v1.Admin", flags=unix)
+    off = grpcurl(admin, "eztunnel.v1.Admin/SetEnabled", flags=(*unix, "-d", '{"enabled": false}'))
+    assert json.loads(off) == {}  # false is the default value
     assert call("GetStatus").get("enabled", False) is False
-    assert call("SetEnabled", '{"enabled": true}')["enabled"] is True
+    on = grpcurl(admin, "eztunnel.v1.Admin/SetEnabled", flags=(*unix, "-d", '{"enabled": true}'))
+    assert json.loads(on)["enabled"] is True
+    assert call("GetStatus")["enabled"] is True
 
     # WatchEvents: a stream that shows the next enrolment as it happens.
     watch = subprocess.Popen(
@@ -237,7 +249,7 @@ def test_stale_feed_turns_health_off_and_back(lab: Lab, istiod: Istiod) -> None:
     metrics = f"127.0.0.1:{free_port()}"
     agent = AgentProc(lab, "--xds-address", server.addr, "--xds-plaintext", "--node-name", NODE,
                       "--xds-stale-after", "1", "--metrics-listen", metrics,
-                      env={**ENV, "AUTH_TOKEN": "s3cr3t-token-value"})  # fmt: skip
+                      env={**ENV, "AUTH_TOKEN": "static:s3cr3t-token-value"})  # fmt: skip
     try:
         agent.wait_serving()
         body = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
@@ -261,8 +273,7 @@ def test_stale_feed_turns_health_off_and_back(lab: Lab, istiod: Istiod) -> None:
             restarted.kill()
             restarted.wait(timeout=10)
     finally:
-        agent.proc.terminate()
-        _, err = agent.proc.communicate(timeout=10)
-    log = err.decode()
+        log = agent.terminate()
+        agent.stop()
     assert '"event": "xds.stale"' in log  # JSON logs, one event per state change
     assert "s3cr3t-token-value" not in log

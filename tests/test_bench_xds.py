@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from eztunnel_plugin import bench_xds
+from eztunnel_lab.bench import xds as bench_xds
 
 
 def test_bench_smoke() -> None:

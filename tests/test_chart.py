@@ -8,10 +8,12 @@ on the real kernel with the agent's own data plane.
 
 from __future__ import annotations
 
+import ctypes.util
 import functools
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import subprocess
@@ -28,7 +30,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from eztunnel_plugin import cli
+from eztunnel_plugin import admin, cli, dataplane, layout
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "eztunnel"
@@ -221,6 +223,18 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
         "xdsAddress=istiod.example.svc:15012",
     ),
     "no-uninstall-hooks": ("--set", "uninstall.enabled=false", "--set", "appArmorProfile="),
+    "explicit-confinement": (
+        "--set",
+        "appArmorProfile=RuntimeDefault",
+        "--set",
+        "seccompProfile.type=Localhost",
+        "--set",
+        "seccompProfile.localhostProfile=profiles/eztunnel.json",
+        "--set",
+        "adminSocket=/run/eztunnel-admin/agent.sock",
+        "--set",
+        "bpffs.pinDir=ezprod",
+    ),
 }
 
 
@@ -320,6 +334,24 @@ def test_values_schema_covers_every_value_and_profile() -> None:
         (("--set", "profile=nope"), "unknown profile"),
         (("--set", "global.platform=openshift"), "unsupported platform"),
         (("--set", "appArmorProfile=Localhost"), "appArmorProfile"),
+        (("--set", "seccompProfile.type=Localhost"), "localhostProfile"),
+        (("--set", "seccompProfile.type=unconfined"), "seccompProfile"),
+        (("--set", "seccompProfile.localhostProfile=p.json"), "seccompProfile"),
+        (
+            (
+                "--set",
+                "seccompProfile.type=Localhost",
+                "--set",
+                "seccompProfile.localhostProfile=../x",
+            ),
+            "localhostProfile",
+        ),
+        (("--set", "adminSocket=/etc/admin.sock"), "adminSocket"),
+        (("--set", "adminSocket=/run/containerd/admin.sock"), "adminSocket"),
+        (("--set", "adminSocket=/var/run/eztunnel/../../etc/x"), "adminSocket"),
+        (("--set", "adminSocket=admin.sock"), "adminSocket"),
+        # Longer, and the agent's own unix socket paths below it would not fit in sun_path.
+        (("--set", "adminSocket=/run/eztunnel/" + "a" * 80), "adminSocket"),
     ],
 )
 def test_bad_values_are_refused(flags: tuple[str, ...], message: str) -> None:
@@ -488,19 +520,18 @@ def test_host_access_is_what_the_agent_needs_and_no_more() -> None:
     assert spec["dnsPolicy"] == "ClusterFirstWithHostNet", "else istiod.<ns>.svc won't resolve"
     host_paths = {v["name"]: v["hostPath"] for v in spec["volumes"] if "hostPath" in v}
     assert host_paths == {
-        "bpffs": {"path": "/sys/fs/bpf", "type": "Directory"},
+        "bpffs": {"path": "/sys/fs/bpf/eztunnel", "type": "DirectoryOrCreate"},
+        "admin": {"path": "/var/run/eztunnel", "type": "DirectoryOrCreate"},
         "cgroup": {"path": "/sys/fs/cgroup", "type": "Directory"},
     }
-    assert mount(c, "bpffs") == {
-        "name": "bpffs",
-        "mountPath": "/sys/fs/bpf",
-        "mountPropagation": "HostToContainer",
-    }
+    assert mount(c, "bpffs") == {"name": "bpffs", "mountPath": "/host/sys/fs/bpf/eztunnel"}
+    assert mount(c, "admin") == {"name": "admin", "mountPath": "/var/run/eztunnel"}
     cgroup = mount(c, "cgroup")
     assert cgroup["readOnly"] is True
     args = arg_values(c)
     assert args["cgroup"] == cgroup["mountPath"]
-    assert args["bpffs"] == "/sys/fs/bpf/eztunnel"
+    assert args["bpffs"] == "/host/sys/fs/bpf/eztunnel"
+    assert args["admin-socket"] == "/var/run/eztunnel/admin.sock"
     assert "initContainers" not in spec
     assert spec.get("hostPID") is None and spec.get("hostIPC") is None
 
@@ -509,18 +540,28 @@ def test_privileged_mode_mounts_bpffs_bidirectionally() -> None:
     ds = agent_ds(render("--set", "privileged=true"))
     c = container(ds, "eztunnel")
     assert c["securityContext"]["privileged"] is True
-    assert mount(c, "bpffs")["mountPropagation"] == "Bidirectional"
+    # The whole bpffs root, so that the init container can mount bpffs on the node first.
+    assert volume(ds, "bpffs")["hostPath"] == {"path": "/sys/fs/bpf", "type": "Directory"}
+    assert mount(c, "bpffs") == {
+        "name": "bpffs",
+        "mountPath": "/host/sys/fs/bpf",
+        "mountPropagation": "Bidirectional",
+    }
+    assert arg_values(c)["bpffs"] == "/host/sys/fs/bpf/eztunnel"
     init = container(ds, "mount-bpffs")
     assert init["securityContext"]["privileged"] is True
     assert mount(init, "bpffs")["mountPropagation"] == "Bidirectional"
-    assert "mount -t bpf bpf /sys/fs/bpf" in init["command"][-1]
+    assert "mount -t bpf bpf /host/sys/fs/bpf" in init["command"][-1]
 
 
 def test_host_paths_follow_values() -> None:
     ds = agent_ds(render(*SCENARIOS["everything-on"]))
     c = container(ds, "eztunnel")
     assert volume(ds, "cgroup")["hostPath"]["path"] == "/sys/fs/cgroup/unified"
-    assert arg_values(c)["bpffs"] == "/sys/fs/bpf/ezprod"
+    assert arg_values(c)["bpffs"] == "/host/sys/fs/bpf/ezprod"
+    custom = agent_ds(render("--set", "bpffs.hostPath=/run/bpf/", "--set", "bpffs.pinDir=ezprod"))
+    assert volume(custom, "bpffs")["hostPath"]["path"] == "/run/bpf/ezprod"
+    assert arg_values(container(custom, "eztunnel"))["bpffs"] == "/host/sys/fs/bpf/ezprod"
 
 
 def test_capabilities_are_minimal() -> None:
@@ -570,6 +611,141 @@ def test_apparmor(kube: str, profile: str, annotation: str | None, field: str | 
         assert annotations.get(key) == annotation
         sc = container(workload, name)["securityContext"]
         assert sc.get("appArmorProfile", {}).get("type") == field
+
+
+# ---- confinement: seccomp, AppArmor, host mounts -----------------------------------------------
+
+# Where the container runtimes' default AppArmor profiles (containerd, CRI-O, Docker) deny writes:
+# /sys except the cgroup tree, and /proc. A pin is a write (a new file on bpffs).
+APPARMOR_DEFAULT_DENIES_WRITES = re.compile(r"^/(sys/(?!fs/cgroup(/|$))|proc(/|$))")
+
+
+def workloads(docs: list[Doc]) -> list[Doc]:
+    return [d for d in docs if d["kind"] in ("DaemonSet", "Job")]
+
+
+def all_containers(workload: Doc) -> list[Doc]:
+    spec = pod_spec(workload)
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def effective_seccomp(workload: Doc, c: Doc) -> Doc | None:
+    """The container's own seccompProfile, else the pod's (Kubernetes' precedence)."""
+    own: Doc | None = c.get("securityContext", {}).get("seccompProfile")
+    pod: Doc | None = pod_spec(workload).get("securityContext", {}).get("seccompProfile")
+    return own or pod
+
+
+@pytest.mark.parametrize("kube", [OLD_KUBE, NEW_KUBE])
+@pytest.mark.parametrize(
+    "scenario", ["defaults", "revision-and-globals", "everything-on", "no-uninstall-hooks"]
+)
+def test_every_container_runs_under_seccomp_runtime_default(scenario: str, kube: str) -> None:
+    docs = render(*SCENARIOS[scenario], kube=kube)
+    names: set[str] = set()
+    for w in workloads(docs):
+        assert pod_spec(w)["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for c in all_containers(w):
+            assert effective_seccomp(w, c) == {"type": "RuntimeDefault"}, (
+                w["metadata"]["name"],
+                c["name"],
+            )
+            names.add(c["name"])
+    assert "eztunnel" in names
+    if scenario == "everything-on":
+        assert "mount-bpffs" in names
+    if scenario != "no-uninstall-hooks":
+        assert {"uninstall", "done", "wait"} <= names
+
+
+@pytest.mark.parametrize("kube", [OLD_KUBE, NEW_KUBE, LATEST_KUBE])
+def test_nothing_is_unconfined_by_default(kube: str) -> None:
+    """No seccomp or AppArmor opt-out anywhere; AppArmor is left to the runtime, which applies
+    runtime/default wherever AppArmor is enabled (an explicit profile would make kubelet reject
+    the pods on nodes without AppArmor)."""
+    docs = render(kube=kube)
+    assert "unconfined" not in json.dumps(docs).lower()
+    for w in workloads(docs):
+        annotations = w["spec"]["template"]["metadata"].get("annotations", {})
+        assert not [k for k in annotations if "apparmor" in k], annotations
+        assert "appArmorProfile" not in pod_spec(w).get("securityContext", {})
+        for c in all_containers(w):
+            assert "appArmorProfile" not in c.get("securityContext", {}), c["name"]
+
+
+def test_seccomp_profile_switch_for_older_runtimes() -> None:
+    docs = render(*SCENARIOS["explicit-confinement"])
+    localhost = {"type": "Localhost", "localhostProfile": "profiles/eztunnel.json"}
+    for workload, name in (
+        (agent_ds(docs), "eztunnel"),
+        (find(docs, "DaemonSet", "eztunnel-uninstall"), "uninstall"),
+    ):
+        assert container(workload, name)["securityContext"]["seccompProfile"] == localhost
+        # The switch is for the BPF containers only: the others need no bpf(2).
+        for c in all_containers(workload):
+            if c["name"] != name:
+                assert effective_seccomp(workload, c) == {"type": "RuntimeDefault"}, c["name"]
+    opted_out = agent_ds(render("--set", "seccompProfile.type=Unconfined"))
+    assert container(opted_out, "eztunnel")["securityContext"]["seccompProfile"] == {
+        "type": "Unconfined"
+    }
+
+
+@pytest.mark.parametrize(
+    "scenario", ["defaults", "revision-and-globals", "explicit-confinement", "no-uninstall-hooks"]
+)
+def test_only_the_pin_directory_of_bpffs_is_mounted(scenario: str) -> None:
+    """Unprivileged, no pod mounts more of the node's bpffs than the agent's pin directory, at a
+    path outside /sys where runtime/default AppArmor allows pinning; the only writable host
+    paths are that directory and the admin socket's."""
+    docs = render(*SCENARIOS[scenario])
+    agent = container(agent_ds(docs), "eztunnel")
+    pin_dir = arg_values(agent)["bpffs"]
+    pin_name = pin_dir.rsplit("/", 1)[1]
+    admin_dir = posixpath.dirname(arg_values(agent)["admin-socket"])
+    for w in workloads(docs):
+        volumes = {v["name"]: v for v in pod_spec(w).get("volumes", [])}
+        for c in all_containers(w):
+            for m in c.get("volumeMounts", []):
+                host = volumes[m["name"]].get("hostPath")
+                if host is None:
+                    continue
+                where = (w["metadata"]["name"], c["name"], m["name"])
+                if host["path"].startswith("/sys/fs/bpf"):
+                    assert host == {"path": f"/sys/fs/bpf/{pin_name}", "type": "DirectoryOrCreate"}
+                    # The pin directory is the mount itself (the agent accepts that).
+                    assert m["mountPath"] == pin_dir, where
+                    assert not APPARMOR_DEFAULT_DENIES_WRITES.match(m["mountPath"]), where
+                    assert "mountPropagation" not in m, where
+                elif host["path"] == admin_dir:
+                    assert m["mountPath"] == admin_dir, where
+                else:
+                    assert m.get("readOnly") is True, where
+
+
+@pytest.mark.parametrize(
+    ("flags", "socket_path"),
+    [
+        ((), "/var/run/eztunnel/admin.sock"),
+        (("--set", "adminSocket=/run/eztunnel-admin/agent.sock"), "/run/eztunnel-admin/agent.sock"),
+    ],
+)
+def test_admin_socket_directory_is_the_nodes_at_the_same_path(
+    flags: tuple[str, ...], socket_path: str
+) -> None:
+    docs = render(*flags)
+    ds = agent_ds(docs)
+    c = container(ds, "eztunnel")
+    directory = posixpath.dirname(socket_path)
+    assert arg_values(c)["admin-socket"] == socket_path
+    assert admin.path_problem(Path(socket_path)) is None, "the agent would refuse it"
+    assert volume(ds, "admin")["hostPath"] == {"path": directory, "type": "DirectoryOrCreate"}
+    # The same path inside and on the node: `kubectl exec ... disable` and node root agree.
+    assert mount(c, "admin") == {"name": "admin", "mountPath": directory}
+    assert not APPARMOR_DEFAULT_DENIES_WRITES.match(directory)
+    # The teardown works on the pins; the agent and its socket are gone by then.
+    teardown = find(docs, "DaemonSet", "eztunnel-uninstall")
+    assert "admin" not in {v["name"] for v in pod_spec(teardown)["volumes"]}
 
 
 def test_probes_use_the_local_grpc_api() -> None:
@@ -686,23 +862,33 @@ def test_command_is_the_packaged_console_script() -> None:
     assert teardown["command"][:2] == ["eztunnel-plugin", "uninstall"]
 
 
-def test_rendered_commands_parse_with_the_real_cli() -> None:
-    """Every command line the chart renders is accepted by eztunnel-plugin's own parser."""
+def test_rendered_agent_command_parses_with_the_real_cli() -> None:
     parser = cli.build_parser()
-    docs = render(*SCENARIOS["everything-on"])
-    c = container(agent_ds(docs), "eztunnel")
+    c = container(agent_ds(render(*SCENARIOS["everything-on"])), "eztunnel")
     argv = [a.replace("$(INSTANCE_IP)", "10.0.0.1") for a in c["command"][1:] + c["args"]]
     args = parser.parse_args(argv)
     assert args.func is cli.cmd_run
     assert (args.log_format, args.log_level) == ("json", "debug")
-    assert str(args.bpffs) == "/sys/fs/bpf/ezprod"
+    assert str(args.bpffs) == "/host/sys/fs/bpf/ezprod"
+    assert str(args.admin_socket) == "/var/run/eztunnel/admin.sock"
+    # The CLI's enable/disable default to the same socket: `kubectl exec ... disable` needs no flag.
+    disable = parser.parse_args(["disable"])
+    assert str(disable.admin_socket) == str(args.admin_socket)
     assert args.grpc_listen == "127.0.0.1:16081"
     assert args.metrics_listen == "10.0.0.1:15082"
+
+
+def test_rendered_commands_parse_with_the_real_cli() -> None:
+    """The probe and teardown command lines the chart renders are accepted by eztunnel-plugin's
+    own parser (the agent's own command line: the test above)."""
+    parser = cli.build_parser()
+    docs = render(*SCENARIOS["everything-on"])
+    c = container(agent_ds(docs), "eztunnel")
     health = parser.parse_args(c["readinessProbe"]["exec"]["command"][1:])
     assert health.grpc_addr == "127.0.0.1:16081"
     teardown = container(find(docs, "DaemonSet", "eztunnel-uninstall"), "uninstall")
     un = parser.parse_args(teardown["command"][1:])
-    assert un.func is cli.cmd_uninstall and str(un.bpffs) == "/sys/fs/bpf/ezprod"
+    assert un.func is cli.cmd_uninstall and str(un.bpffs) == "/host/sys/fs/bpf/ezprod"
     schema = json.loads((CHART / "values.schema.json").read_text())
     for level in schema["definitions"]["values"]["properties"]["logLevel"]["enum"]:
         assert isinstance(logging.getLevelName(level.upper()), int), level
@@ -987,7 +1173,7 @@ def test_wait_job_fails_when_a_node_cannot_be_torn_down(fake_api: FakeApi, tmp_p
     assert "timed out" in result.stdout and "2/3" in result.stdout
 
 
-# ---- the chart's capability set on the real kernel --------------------------------------------
+# ---- the chart's confinement on the real kernel -------------------------------------------------
 
 
 def _setpriv(caps: list[str]) -> list[str]:
@@ -999,69 +1185,151 @@ def _setpriv(caps: list[str]) -> list[str]:
     return [setpriv, "--bounding-set", bounding, "--inh-caps", "-all", "--"]
 
 
+# What the runtimes' default seccomp profiles (containerd >= 1.6.9, CRI-O >= 1.31, Docker >= 23)
+# refuse to a container whose capabilities are the chart's (BPF, NET_ADMIN, PERFMON): the calls
+# they allow only with a capability the chart does not grant (SYS_ADMIN, SYS_PTRACE, SYS_MODULE,
+# SYS_BOOT, SYS_CHROOT, SYS_TIME, SYS_PACCT, SYS_RAWIO, SYS_NICE, SYS_TTY_CONFIG, SYSLOG,
+# DAC_READ_SEARCH) or to nobody. clone3 gets ENOSYS, as there, so that libc falls back to clone.
+# perf_event_open is refused too although CAP_PERFMON would allow it: the agent must not need it
+# (so bpf(2) alone sets the minimum runtime versions in docs/helm.md).
+RUNTIME_DEFAULT_REFUSES = [
+    "mount", "umount2", "setns", "unshare", "pivot_root", "chroot", "fsopen", "fsconfig",
+    "fsmount", "fspick", "move_mount", "open_tree", "mount_setattr", "fanotify_init", "quotactl",
+    "quotactl_fd", "lookup_dcookie", "sethostname", "setdomainname", "syslog", "clone3", "ptrace",
+    "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd", "process_madvise",
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load", "reboot",
+    "settimeofday", "clock_settime", "acct", "iopl", "ioperm", "mbind", "set_mempolicy",
+    "get_mempolicy", "vhangup", "open_by_handle_at", "add_key", "keyctl", "request_key", "swapon",
+    "swapoff", "io_uring_setup", "io_uring_enter", "io_uring_register", "perf_event_open",
+]  # fmt: skip
+# Before containerd 1.6.9 / 1.7.0, CRI-O 1.31 and Docker 23.0, bpf(2) needed CAP_SYS_ADMIN too.
+OLD_RUNTIME_REFUSES = [*RUNTIME_DEFAULT_REFUSES, "bpf"]
+
+# Loads a seccomp filter (libseccomp) that refuses the syscalls in argv[1], then execs argv[2:].
+SECCOMP_EXEC = """
+import ctypes, errno, os, sys
+lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+lib.seccomp_init.restype = ctypes.c_void_p
+lib.seccomp_init.argtypes = [ctypes.c_uint32]
+lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
+lib.seccomp_load.argtypes = [ctypes.c_void_p]
+ctx = lib.seccomp_init(0x7FFF0000)  # SCMP_ACT_ALLOW
+for name in sys.argv[1].split(","):
+    nr = lib.seccomp_syscall_resolve_name(name.encode())
+    if nr < 0:
+        sys.exit(f"unknown syscall {name}")
+    err = errno.ENOSYS if name == "clone3" else errno.EPERM
+    if lib.seccomp_rule_add(ctx, 0x00050000 | err, nr, 0) != 0:  # SCMP_ACT_ERRNO(err)
+        sys.exit(f"seccomp_rule_add({name}) failed")
+if lib.seccomp_load(ctx) != 0:  # sets no_new_privs, like allowPrivilegeEscalation: false
+    sys.exit("seccomp_load failed")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+# Mounts the node's pin directory ($1) at the container's path ($2) in a private mount namespace
+# (gone with the process: nothing to clean up), then execs the rest.
+BIND_EXEC = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+
 INSTALL_TWICE = """
 import sys
 from pathlib import Path
 from eztunnel_plugin import dataplane
 bpffs, cgroup = Path(sys.argv[1]), Path(sys.argv[2])
 for expect_reuse in (False, True):
-    dp = dataplane.Dataplane.install_or_reuse(bpffs, cgroup)
+    # isolated: the agent loads in a child process, so fork/exec runs under the filter too.
+    dp = dataplane.Dataplane.install_or_reuse(bpffs, cgroup, isolated=True)
     assert dp.reused is expect_reuse, (dp.reused, expect_reuse)
     dp.close()
 print("installed and reused")
 """
 
 
+class ContainerView:
+    """Runs commands the way the chart's unprivileged containers run: the node's pin directory
+    bind-mounted alone at the rendered mountPath (so the pin directory is a mount point whose
+    parent is not bpffs), the rendered capability set, the runtime's default seccomp profile."""
+
+    def __init__(self, host_dir: Path, scratch: Path) -> None:
+        c = container(agent_ds(render()), "eztunnel")
+        self.pin_dir = arg_values(c)["bpffs"]
+        assert mount(c, "bpffs")["mountPath"] == self.pin_dir
+        self.host_dir = host_dir
+        self.inside = scratch / "rootfs" / self.pin_dir.lstrip("/")
+        self.inside.mkdir(parents=True)
+        if ctypes.util.find_library("seccomp") is None:
+            pytest.fail("libseccomp (libseccomp2) is needed to apply the runtime's seccomp rules")
+
+    def run(
+        self, caps: list[str] | None, refuses: list[str], argv: list[str]
+    ) -> subprocess.CompletedProcess[str]:
+        """caps None: full root, no filter (cleanup)."""
+        unshare = shutil.which("unshare")
+        assert unshare is not None, "unshare (util-linux) is needed for a private mount namespace"
+        confine: list[str] = []
+        if caps is not None:
+            confine = [*_setpriv(caps), sys.executable, "-c", SECCOMP_EXEC, ",".join(refuses)]
+        argv = [a.replace("{pin_dir}", str(self.inside)) for a in argv]
+        full = [unshare, "-m", "--propagation", "private", "--", "sh", "-c", BIND_EXEC, "sh",
+                str(self.host_dir), str(self.inside), *confine, *argv]  # fmt: skip
+        return subprocess.run(full, check=False, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def container_view(lab: Any, tmp_path: Path) -> ContainerView:
+    host_dir = Path(lab.bpffs)  # removed by the lab's close(), pins included
+    host_dir.mkdir(mode=0o755)  # what kubelet's DirectoryOrCreate makes
+    return ContainerView(host_dir, tmp_path)
+
+
 @pytest.mark.kernel
-def test_chart_capabilities_suffice_for_the_agent_and_the_teardown(lab: Any) -> None:
-    """Load, attach, pin, reuse and uninstall with exactly the rendered capability sets, and
-    show that the restriction is real: without NET_ADMIN the same load fails."""
+def test_chart_confinement_suffices_for_the_agent_and_the_teardown(
+    lab: Any, container_view: ContainerView
+) -> None:
+    """Load, attach, pin, reuse and uninstall as the chart's containers do: exactly the rendered
+    capability sets, the runtime's default seccomp rules, only the pin directory mounted. The
+    restriction is real: without NET_ADMIN the same load fails."""
     docs = render()
     agent_caps = container(agent_ds(docs), "eztunnel")["securityContext"]["capabilities"]["add"]
     teardown = container(find(docs, "DaemonSet", "eztunnel-uninstall"), "uninstall")
     teardown_caps = teardown["securityContext"]["capabilities"]["add"]
-    bpffs, cgroup = str(lab.bpffs), str(lab.cgroup)
+    assert teardown["command"][-1] == f"--bpffs={container_view.pin_dir}"
+    view, cgroup = container_view, str(lab.cgroup)
+    install = [sys.executable, "-c", INSTALL_TWICE, "{pin_dir}", cgroup]
+    uninstall = [sys.executable, "-m", "eztunnel_plugin", "uninstall", "--bpffs={pin_dir}"]
 
     weaker = [c for c in agent_caps if c != "NET_ADMIN"]
-    denied = subprocess.run(
-        [*_setpriv(weaker), sys.executable, "-c", INSTALL_TWICE, bpffs, cgroup],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    denied = view.run(weaker, RUNTIME_DEFAULT_REFUSES, install)
     assert denied.returncode != 0, "the capability restriction had no effect"
-    subprocess.run(
-        [sys.executable, "-m", "eztunnel_plugin", "uninstall", "--bpffs", bpffs],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    cleanup = view.run(None, [], uninstall)
+    assert cleanup.returncode == 0, cleanup.stdout + cleanup.stderr
 
-    ok = subprocess.run(
-        [*_setpriv(agent_caps), sys.executable, "-c", INSTALL_TWICE, bpffs, cgroup],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    ok = view.run(agent_caps, RUNTIME_DEFAULT_REFUSES, install)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "installed and reused" in ok.stdout
-    assert Path(bpffs).is_dir()
+    # The pins landed in the node's directory, where the next agent (and node root) find them.
+    pinned = set(os.listdir(view.host_dir))
+    assert pinned >= {*layout.MAPS, dataplane.LINK_SOCKOPS, dataplane.LINK_MSG}, pinned
 
-    un = subprocess.run(
-        [
-            *_setpriv(teardown_caps),
-            sys.executable,
-            "-m",
-            "eztunnel_plugin",
-            "uninstall",
-            f"--bpffs={bpffs}",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    un = view.run(teardown_caps, RUNTIME_DEFAULT_REFUSES, [*uninstall])
     assert un.returncode == 0, un.stdout + un.stderr
-    assert not Path(bpffs).exists(), "the teardown left pins behind"
+    assert "unpinned" in un.stdout
+    # The mount point stays (the node keeps an empty directory), with nothing left in it.
+    assert view.host_dir.is_dir()
+    assert os.listdir(view.host_dir) == [], "the teardown left pins behind"
+
+
+@pytest.mark.kernel
+def test_old_runtime_seccomp_profiles_refuse_the_agent(
+    lab: Any, container_view: ContainerView
+) -> None:
+    """Where the default profile allows bpf(2) only with CAP_SYS_ADMIN, the chart's agent cannot
+    load: what the seccompProfile switch in docs/helm.md is for."""
+    agent = container(agent_ds(render()), "eztunnel")
+    caps = agent["securityContext"]["capabilities"]["add"]
+    install = [sys.executable, "-c", INSTALL_TWICE, "{pin_dir}", str(lab.cgroup)]
+    refused = container_view.run(caps, OLD_RUNTIME_REFUSES, install)
+    assert refused.returncode != 0
+    tail = refused.stderr[-2000:]
+    assert "Operation not permitted" in tail or "EPERM" in tail, tail
+    assert os.listdir(container_view.host_dir) == [], "a refused load left pins behind"

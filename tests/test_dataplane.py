@@ -1,4 +1,4 @@
-"""The splicing data plane on the real kernel (issue 2, tests 1-7 and 9).
+"""The splicing data plane on the real kernel (issue 2, tests 1-7 and 9; issue 9, section 8).
 
 Every test runs in its own lab: pod network namespaces on a bridge inside a
 private node netns, one cgroup the programs attach to, one bpffs directory.
@@ -6,16 +6,19 @@ private node netns, one cgroup the programs attach to, one bpffs directory.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import struct
 import subprocess
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from eztunnel_lab.netlab import Lab, Pod
 from eztunnel_plugin import bpfsys, dataplane, layout
-from eztunnel_plugin.netlab import Lab, Pod
 
 from .conftest import (
     PY,
@@ -60,6 +63,10 @@ def test_spliced_flow_is_observed_and_intact(
     assert flow.active_netns != flow.passive_netns
     assert flow.remote.endswith(":9000") and b_ip in flow.remote
     assert flow.bytes_active_to_passive >= MB and flow.bytes_passive_to_active >= MB
+    # The proof it was paired on: both ends hold the connection's two sequence numbers.
+    socks = dp.sockets()
+    active, passive = socks[flow.active_cookie], socks[flow.passive_cookie]
+    assert (active.hs_snd_nxt, active.hs_rcv_nxt) == (passive.hs_rcv_nxt, passive.hs_snd_nxt)
 
     finish_hold(client, rounds=3)
     delta = counters_delta(before, dp.counters())
@@ -214,7 +221,7 @@ def test_nginx_sendfile_to_curl(lab: Lab, dp: dataplane.Dataplane, tmp_path: Pat
 def test_asyncio_backpressure_does_not_stall(lab: Lab, dp: dataplane.Dataplane) -> None:
     # Both readers take 16 KB per 1 ms, so 32 MB writes stay far beyond the socket
     # buffers for seconds each way: every EPOLLIN and EPOLLOUT wakeup must come
-    # (the kernel's lost-wakeup bug, design.md section 4, would stall here).
+    # (the kernel's lost-wakeup bug, docs/dataplane.md "Kernel pitfalls", would stall here).
     a, b = lab.add_pod(), lab.add_pod()
     enroll(dp, a, b)
     slow = ("--read-delay", "0.001", "--read-chunk", "16384")
@@ -492,7 +499,7 @@ def test_uninstall_during_live_flows(lab: Lab, dp: dataplane.Dataplane) -> None:
         [
             PY,
             "-m",
-            "eztunnel_plugin.flowcheck",
+            "eztunnel_lab.traffic.flowcheck",
             "client",
             "--connect",
             b.ip4,
@@ -538,7 +545,8 @@ def test_layout_mismatch_is_a_clear_error(lab: Lab, dp: dataplane.Dataplane) -> 
     with pytest.raises(
         dataplane.DataplaneError, match=rf"layout version {layout.LAYOUT_VERSION + 1}.*uninstall"
     ):
-        dataplane.Dataplane.install_or_reuse(lab.bpffs, lab.cgroup)
+        # Opening (CLI, API) refuses; the agent's start migrates (tests/test_upgrade.py).
+        dataplane.Dataplane.open(lab.bpffs)
 
 
 def test_reuse_over_pins_attaches_nothing_twice(lab: Lab, dp: dataplane.Dataplane) -> None:
@@ -555,3 +563,288 @@ def test_reuse_over_pins_attaches_nothing_twice(lab: Lab, dp: dataplane.Dataplan
         assert cg.stdout.count("ez_sockops") == 1
     finally:
         again.close()
+
+
+# 8. Pairing proof (issue 9) -----------------------------------------------------
+
+HANDSHAKE = TOOLS / "handshake.py"
+REPO = Path(__file__).resolve().parent.parent
+Proc = subprocess.Popen[bytes]
+
+
+def _hs_client(lab: Lab, pod: Pod, host: str, port: int, *extra: str) -> tuple[Proc, int]:
+    """A connection that waits for "send"/"rst" on stdin; returns it and its cookie."""
+    proc = lab.spawn(
+        pod,
+        [PY, str(HANDSHAKE), "connect", host, str(port), *extra],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    return proc, int(wait_line(proc, "connected").split()[1])
+
+
+def _hs_say(proc: Proc, command: str, want: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(f"{command}\n".encode())
+    proc.stdin.flush()
+    wait_line(proc, want)
+
+
+def _hs_finish(proc: Proc) -> None:
+    assert proc.stdin is not None
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == 0, f"handshake client failed (rc={proc.returncode})"
+
+
+def _ack_rule(lab: Lab, pod: Pod, action: str, host: str, port: int) -> None:
+    """Drop (-A) or pass again (-D) everything but SYNs from `pod` to host:port: the
+    client gets established, its peer stays in SYN_RECV until its next SYN-ACK after -D."""
+    lab.exec(pod.name, "iptables", action, "OUTPUT", "-p", "tcp", "-d", host,
+             "--dport", str(port), "!", "--syn", "-j", "DROP")  # fmt: skip
+
+
+def _cross_key(src: str, sport: int, dst: str, dport: int) -> layout.IndexKey:
+    return layout.IndexKey(
+        netns=0,
+        local=layout.Addr.of(src),
+        remote=layout.Addr.of(dst),
+        local_port=sport,
+        remote_port=dport,
+        kind=layout.IndexKind.CROSS_MIRROR,
+    )
+
+
+def _index_entry(dp: dataplane.Dataplane, key: layout.IndexKey) -> layout.IndexValue | None:
+    raw = bpfsys.map_lookup(dp.maps["ez_index"], bytes(key), ctypes.sizeof(layout.IndexValue))
+    return None if raw is None else layout.IndexValue.from_buffer_copy(raw)
+
+
+def _index_size(dp: dataplane.Dataplane) -> int:
+    return len(bpfsys.map_keys(dp.maps["ez_index"], ctypes.sizeof(layout.IndexKey)))
+
+
+def _put_sockinfo(dp: dataplane.Dataplane, cookie: int, info: layout.SockInfo) -> None:
+    bpfsys.map_update(dp.maps["ez_sockinfo"], struct.pack("=Q", cookie), bytes(info))
+
+
+def test_capture_pairs_a_nat_remapped_client_never_the_idle_owner_of_its_port(
+    lab: Lab, dp: dataplane.Dataplane
+) -> None:
+    # NAT gives the captured connection the source port of an idle in-scope socket W
+    # (A:50000). The proxy's socket then sees W's endpoint as its client: pairing by
+    # endpoint took W (each got the other's bytes); pairing by handshake takes S1.
+    a, b = lab.add_pod(), lab.add_pod()
+    enroll(dp, a, b)
+    hold_server(lab, b, "0.0.0.0", 9000)
+    hold_server(lab, a, "0.0.0.0", 15001)  # the capture listener (S2)
+    idle = hold_client(lab, a, b.ip4, 9000, "--sport", "50000")  # W, owns A:50000
+    lab.exec(a.name, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", b.ip4,
+             "--dport", "8080", "-j", "REDIRECT", "--to-ports", "15001")  # fmt: skip
+    lab.exec(a.name, "iptables", "-t", "nat", "-A", "POSTROUTING", "-p", "tcp", "-d",
+             "127.0.0.1", "--dport", "15001", "-j", "SNAT", "--to-source",
+             f"{a.ip4}:50000")  # fmt: skip
+    app = hold_client(lab, a, b.ip4, 8080, "--sport", "40000", "--size", str(MB))  # S1
+    # The remap happened: the proxy's socket has W's endpoint as its client.
+    ss = lab.exec(a.name, "ss", "-Htn", "state", "established", "sport", "= :15001").stdout
+    assert f"{a.ip4}:50000" in ss, ss
+
+    flows = {f.rule: f for f in dp.flows()}
+    assert set(flows) == {layout.Rule.CAPTURE, layout.Rule.CROSS_MIRROR}, dp.flows()
+    capture, w = flows[layout.Rule.CAPTURE], flows[layout.Rule.CROSS_MIRROR]
+    assert capture.local == f"{a.ip4}:40000" and capture.remote == f"{b.ip4}:8080"
+    assert capture.active_netns == capture.passive_netns
+    assert dp.sockets()[capture.passive_cookie].remote_port == 50000
+    assert w.local == f"{a.ip4}:50000" and w.active_netns != w.passive_netns
+    assert capture.passive_cookie != w.passive_cookie
+    for c in (idle, app):
+        finish_hold(c, rounds=5)  # random payload per round: a crossed wire fails here
+
+
+def test_handshake_mismatch_is_never_paired(lab: Lab, dp: dataplane.Dataplane) -> None:
+    # SYNPROXY in B answers A's SYN itself and opens its own handshake to the server:
+    # the tuples mirror exactly (rule 3 finds A) but the server's sequence number is
+    # not the one A got, so this is not proof of one connection: no pair, TCP works.
+    a, b = lab.add_pod(), lab.add_pod()
+    enroll(dp, a, b)
+    lab.exec(b.name, "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0")
+    lab.exec(b.name, "iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp",
+             "--dport", "9000", "--syn", "-j", "CT", "--notrack")  # fmt: skip
+    lab.exec(b.name, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "9000", "-m",
+             "conntrack", "--ctstate", "INVALID,UNTRACKED", "-j", "SYNPROXY",
+             "--sack-perm", "--timestamp", "--wscale", "7", "--mss", "1460")  # fmt: skip
+    lab.exec(b.name, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "9000", "-m",
+             "conntrack", "--ctstate", "INVALID", "-j", "DROP")  # fmt: skip
+    hold_server(lab, b, "0.0.0.0", 9000)
+    before = dp.counters()
+    client = hold_client(lab, a, b.ip4, 9000, "--size", str(MB))
+    finish_hold(client, rounds=3)
+    delta = counters_delta(before, dp.counters())
+    assert delta["np_handshake_mismatch"] == 1, delta
+    assert delta.get("pairs", 0) == 0 and delta.get("msgs_redirected", 0) == 0
+    assert delta["active_registered"] == 1  # A was a candidate, refused by the proof
+    assert dp.flows() == []
+
+
+def test_a_claimed_socket_is_never_taken_by_another_passive_one(
+    lab: Lab, dp: dataplane.Dataplane
+) -> None:
+    # A passive socket that finds its peer CLAIMED (another one won it and is writing
+    # the pair) must not touch it; and a first byte on a CLAIMED socket goes to TCP
+    # for good (CLAIMED -> TAINTED), so the winner's last step fails.
+    a, b = lab.add_pod(), lab.add_pod()
+    enroll(dp, a, b)
+    hold_server(lab, b, "0.0.0.0", 9000)
+    _ack_rule(lab, a, "-A", b.ip4, 9000)
+    client, cookie = _hs_client(lab, a, b.ip4, 9000)
+    info = dp.sockets()[cookie]
+    assert info.state == layout.SockState.UNPAIRED and info.active
+    info.state = layout.SockState.CLAIMED  # as if a first passive socket had won it
+    _put_sockinfo(dp, cookie, info)
+    before = dp.counters()
+    _ack_rule(lab, a, "-D", b.ip4, 9000)
+    wait_for(lambda: dp.counters()["np_peer_taken"] > before["np_peer_taken"], timeout=20,
+             what="the server's socket established and refused")  # fmt: skip
+    delta = counters_delta(before, dp.counters())
+    assert delta.get("pairs", 0) == 0, delta
+    after = dp.sockets()
+    assert set(after) == {cookie}  # the late passive socket registered nothing
+    mine = after[cookie]
+    assert mine.state == layout.SockState.CLAIMED
+    assert (mine.peer_cookie, mine.peer_sk_addr, mine.rule) == (0, 0, layout.Rule.NONE)
+
+    before = dp.counters()
+    _hs_say(client, "send", "echoed")  # intact, through TCP
+    assert dp.sockets()[cookie].state == layout.SockState.TAINTED
+    delta = counters_delta(before, dp.counters())
+    assert delta.get("msgs_redirected", 0) == 0 and delta["msgs_passed"] >= 1
+    _hs_finish(client)
+
+
+def test_a_peer_whose_state_is_gone_has_its_own_reason(lab: Lab, dp: dataplane.Dataplane) -> None:
+    a, b = lab.add_pod(), lab.add_pod()
+    enroll(dp, a, b)
+    hold_server(lab, b, "0.0.0.0", 9000)
+    _ack_rule(lab, a, "-A", b.ip4, 9000)
+    client, cookie = _hs_client(lab, a, b.ip4, 9000)
+    assert bpfsys.map_delete(dp.maps["ez_sockinfo"], struct.pack("=Q", cookie))
+    before = dp.counters()
+    _ack_rule(lab, a, "-D", b.ip4, 9000)
+    wait_for(lambda: dp.counters()["np_peer_missing"] > before["np_peer_missing"], timeout=20,
+             what="the server's socket established and refused")  # fmt: skip
+    delta = counters_delta(before, dp.counters())
+    assert delta.get("pairs", 0) == 0 and delta.get("np_tainted", 0) == 0, delta
+    assert dp.sockets() == {}
+    _hs_say(client, "send", "echoed")
+    _hs_finish(client)
+
+
+def test_ambiguity_survives_its_owner_closing(lab: Lab, dp: dataplane.Dataplane) -> None:
+    # O (netns C) and L (pod A) carry the same tuple A:40000 -> B:9000. O publishes it
+    # first, L makes it ambiguous. O closes, then T (netns D) publishes the same tuple:
+    # had O's close deleted the entry, T's would be clean and L's late passive socket in
+    # B would find T, a socket in another netns. The entry stays ambiguous instead.
+    a, b, c, d = (lab.add_pod() for _ in range(4))
+    enroll(dp, a, b)
+    for twin in (c, d):  # A's and B's addresses are local there: the tuple stays inside
+        for ip in (a.ip4, b.ip4):
+            lab.ip(twin.name, "addr", "add", f"{ip}/32", "dev", "lo")
+        hold_server(lab, twin, b.ip4, 9000)
+    hold_server(lab, b, "0.0.0.0", 9000)
+    key = _cross_key(a.ip4, 40000, b.ip4, 9000)
+    twin_args = ("--src", a.ip4, "--sport", "40000")
+
+    owner, owner_cookie = _hs_client(lab, c, b.ip4, 9000, *twin_args)
+    _ack_rule(lab, a, "-A", b.ip4, 9000)
+    late, late_cookie = _hs_client(lab, a, b.ip4, 9000, "--sport", "40000")
+    entry = _index_entry(dp, key)
+    assert entry is not None
+    assert (entry.cookie, entry.ambiguous, entry.claims) == (owner_cookie, 1, 2)
+
+    _hs_say(owner, "rst", "closed")
+    wait_for(lambda: owner_cookie not in dp.sockets(), what="the owner's close")
+    entry = _index_entry(dp, key)
+    assert entry is not None and (entry.ambiguous, entry.claims) == (1, 1)
+
+    third, third_cookie = _hs_client(lab, d, b.ip4, 9000, *twin_args)
+    entry = _index_entry(dp, key)
+    assert entry is not None and (entry.ambiguous, entry.claims) == (1, 2)
+
+    before = dp.counters()
+    _ack_rule(lab, a, "-D", b.ip4, 9000)
+    wait_for(lambda: dp.counters()["np_ambiguous"] > before["np_ambiguous"], timeout=20,
+             what="L's passive socket established and refused")  # fmt: skip
+    assert counters_delta(before, dp.counters()).get("pairs", 0) == 0
+    # Only T's own loopback pair inside D exists; L and its peer are on plain TCP.
+    (flow,) = dp.flows()
+    assert flow.active_cookie == third_cookie and flow.rule is layout.Rule.NETNS_MIRROR
+    assert late_cookie not in {flow.active_cookie, flow.passive_cookie}
+    for proc in (late, third):
+        _hs_say(proc, "send", "echoed")
+        _hs_finish(proc)
+    # The last claimant's close removes the entry: nothing is left behind.
+    wait_for(lambda: _index_size(dp) == 0, what="index entries removed on close")
+
+
+def test_a_tcp_repair_socket_is_never_registered(lab: Lab, dp: dataplane.Dataplane) -> None:
+    # TCP_REPAIR "connects" without a handshake, with sequence numbers of its choosing
+    # (a forged proof): such a socket is never registered, so nothing can find it.
+    a, b = lab.add_pod(), lab.add_pod()
+    enroll(dp, a, b)
+    before = dp.counters()
+    proc = lab.spawn(
+        a,
+        [PY, str(HANDSHAKE), "repair", a.ip4, "40000", b.ip4, "9000", "1000", "2000"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    cookie = int(wait_line(proc, "connected").split()[1])
+    delta = counters_delta(before, dp.counters())
+    assert delta["np_tcp_repair"] == 1 and delta["sockets_seen"] == 1, delta
+    assert delta.get("active_registered", 0) == 0
+    assert cookie not in dp.sockets() and _index_size(dp) == 0
+    assert proc.stdin is not None
+    proc.stdin.close()
+    assert proc.wait(timeout=10) == 0
+
+
+def build_object(out: Path, *make_vars: str) -> Path:
+    """This tree's BPF object with the Makefile's flags, elsewhere (and maybe otherwise)."""
+    proc = subprocess.run(
+        ["make", "-s", "--no-print-directory", "bpf-object", f"BPF_OUT={out}", *make_vars],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture
+def small_dp(lab: Lab, tmp_path: Path) -> Iterator[dataplane.Dataplane]:
+    """The data plane with room for two sockets in its sockhash."""
+    obj = build_object(tmp_path / "small.bpf.o", "BPF_DEFINES=-DEZ_SOCKHASH_ENTRIES=2")
+    plane = dataplane.Dataplane.install_or_reuse(lab.bpffs, lab.cgroup, obj=obj)
+    yield plane
+    plane.close()
+
+
+def test_a_socket_left_out_of_a_full_sockhash_runs_no_ack_callbacks(
+    lab: Lab, small_dp: dataplane.Dataplane
+) -> None:
+    # Not in the sockhash, a socket can neither pair nor leave the sockhash, so the
+    # per-ACK callback would be pure cost for its whole life, exactly when maps are full.
+    a, b = lab.add_pod(), lab.add_pod()
+    enroll(small_dp, a, b)
+    hold_server(lab, b, "0.0.0.0", 9000)
+    first = hold_client(lab, a, b.ip4, 9000)  # takes both sockhash slots, then idles
+    assert [f.rule for f in small_dp.flows()] == [layout.Rule.CROSS_MIRROR]
+    before = small_dp.counters()
+    second = hold_client(lab, a, b.ip4, 9000, "--size", str(4 * MB))
+    finish_hold(second, rounds=3)  # some 32 MB over TCP: thousands of ACKs
+    delta = counters_delta(before, small_dp.counters())
+    assert delta["np_map_full"] == 1 and delta["np_no_peer"] == 1, delta
+    assert delta.get("pairs", 0) == 0
+    assert delta.get("ack_callbacks", 0) == 0
+    finish_hold(first, rounds=1)

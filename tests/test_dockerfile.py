@@ -174,6 +174,49 @@ def test_package_checks_and_pins_agree_with_pyproject() -> None:
     assert pyproject["project"]["requires-python"] == ">=3.11"  # Debian 12's python3 is 3.11
 
 
+def test_image_installs_the_agent_alone() -> None:
+    """`pip install .` is the agent's distribution only: the lab (its own lab/pyproject.toml),
+    its command and its dependencies never reach the image, and the build proves it."""
+    build, _ = stages()
+    agent = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    lab = tomllib.loads((ROOT / "lab" / "pyproject.toml").read_text())
+    pip = [c for c in run_commands(build) if c[:1] == ["/opt/eztunnel/bin/pip"]]
+    assert len(pip) == 1 and "." in pip[0]
+    assert not [a for a in pip[0] if "lab" in a], pip[0]
+    assert agent["tool"]["setuptools"]["packages"]["find"]["include"] == ["eztunnel_plugin*"]
+    assert set(agent["project"]["scripts"]) == {"eztunnel-plugin"}
+    lab_deps = {d.split(">")[0].split("=")[0] for d in lab["project"]["dependencies"]}
+    agent_deps = {d.split(">")[0].split("=")[0] for d in agent["project"]["dependencies"]}
+    assert {"cryptography", "matplotlib"} <= lab_deps - agent_deps
+    assert "eztunnel-plugin" in lab_deps and set(lab["project"]["scripts"]) == {"eztunnel-lab"}
+    assert lab["tool"]["setuptools"]["packages"]["find"]["include"] == ["eztunnel_lab*"]
+    assert "u.find_spec('eztunnel_lab')" in DOCKERFILE
+    assert ["/opt/eztunnel/bin/eztunnel-plugin", "--help"] in [c[:2] for c in run_commands(build)]
+
+
+def test_the_lab_ships_its_own_bpf_object() -> None:
+    """simmark.bpf.o is built into the lab's data dir, which the lab's package data carries."""
+    lab = tomllib.loads((ROOT / "lab" / "pyproject.toml").read_text())
+    obj = make_var("SIMMARK_OBJ")
+    assert obj.startswith(make_var("LAB") + "/data/")
+    assert "data/*.o" in lab["tool"]["setuptools"]["package-data"]["eztunnel_lab"]
+    assert obj in _make_prereqs("build"), "make build must build the lab's BPF object"
+
+
+def _make_prereqs(target: str) -> list[str]:
+    make = shutil.which("make")
+    assert make is not None
+    db = subprocess.run(
+        [make, "-p", "-n", "-C", str(ROOT), "--no-print-directory", target],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    ).stdout
+    m = re.search(rf"^{re.escape(target)}: (.*)$", db, re.M)
+    return m.group(1).split() if m else []
+
+
 def _excluded(path: str, patterns: list[str]) -> bool:
     """Docker's .dockerignore semantics, enough for our patterns: last match wins, a pattern
     matching a parent directory excludes everything below it."""
@@ -203,12 +246,15 @@ def test_dockerignore_sends_sources_and_not_generated_files() -> None:
         "proto/eztunnel/v1/inspector.proto",
         "src/eztunnel_plugin/cli.py",
         "src/eztunnel_plugin/pb/__init__.py",
+        "lab/pyproject.toml",  # the build stage's dev venv (make) installs the lab too
+        "src/eztunnel_lab/sim.py",
         "README.md",
     ):
         assert not _excluded(needed, patterns), needed
     for generated in (
         "bpf/vmlinux.h",
         "src/eztunnel_plugin/data/eztunnel.bpf.o",
+        "src/eztunnel_lab/data/simmark.bpf.o",
         "src/eztunnel_plugin/pb/eztunnel/v1/inspector_pb2.py",
         ".venv/bin/python",
         "node_modules/.bin/helm",

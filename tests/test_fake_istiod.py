@@ -19,7 +19,7 @@ from typing import Any
 import grpc.aio
 import pytest
 
-from eztunnel_plugin.fake_istiod import (
+from eztunnel_lab.fake_istiod import (
     ConfigError,
     FakeIstiod,
     add_arguments,
@@ -247,7 +247,7 @@ def _listening_port(proc: subprocess.Popen[str], timeout: float = 20.0) -> int:
 def test_cli_fake_istiod_serves_until_sigterm(tmp_path: Path) -> None:
     path = tmp_path / "w.yaml"
     path.write_text(ISSUE_EXAMPLE)
-    argv = [sys.executable, "-m", "eztunnel_plugin", "fake-istiod", "--workloads", str(path)]
+    argv = [sys.executable, "-m", "eztunnel_lab", "fake-istiod", "--workloads", str(path)]
     proc = subprocess.Popen(
         [*argv, "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
@@ -264,6 +264,7 @@ def test_cli_fake_istiod_serves_until_sigterm(tmp_path: Path) -> None:
                 call = stub.DeltaAggregatedResources()
                 await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=ADDRESS_TYPE))
                 resp = await asyncio.wait_for(call.read(), 10)
+                assert isinstance(resp, discovery_pb2.DeltaDiscoveryResponse), resp
                 assert [r.name for r in resp.resources] == ["Kubernetes//Pod/default/web-0"]
                 call.cancel()
 

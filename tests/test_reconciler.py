@@ -10,10 +10,16 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from eztunnel_plugin import bpfsys, dataplane, layout
 from eztunnel_plugin.reconciler import EZ_EP_ENROLLED, MemorySink, Reconciler, plan
-from eztunnel_plugin.workload_state import ADDRESS_TYPE, AUTHORIZATION_TYPE, WorkloadState
+from eztunnel_plugin.workload_state import (
+    ADDRESS_TYPE,
+    AUTHORIZATION_TYPE,
+    Snapshot,
+    WorkloadState,
+)
 from tests.xds_testlib import NODE, run, wl_res
 
 
@@ -100,6 +106,40 @@ def test_every_intermediate_map_is_within_old_or_new(
     assert {k: v for k, v in m.items() if v} == new
 
 
+class RawSource:
+    """A snapshot source that hands over whatever it is given (no filtering of its own)."""
+
+    def __init__(self, *endpoints: str) -> None:
+        self.endpoints = frozenset(endpoints)
+        self.version = 1
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.version, True, self.endpoints)
+
+    def subscribe(self, listener: object) -> None:
+        pass
+
+
+def test_never_writes_a_non_enrollable_address() -> None:
+    bad = {"127.0.0.1", "::1", "0.0.0.0", "224.0.0.1", "169.254.169.254", "fe80::1", "junk"}
+    src = RawSource("10.0.0.1", "fd00::1", *bad)
+    sink = MemorySink({"127.0.0.1": 1, "10.0.0.1": 1})  # a loopback entry left behind
+    rec = Reconciler(src, sink)
+    with capture_logs() as logs:
+        assert rec.reconcile()
+    assert sink.entries == {"10.0.0.1": 1, "fd00::1": 1}  # the stray one is removed too
+    assert ("delete", "127.0.0.1", 0) in sink.ops
+    assert rec.refused == len(bad)
+    assert len([e for e in logs if e["event"] == "reconcile.address_refused"]) == len(bad)
+    src.version = 2
+    src.endpoints |= {"10.0.0.2"}
+    with capture_logs() as logs:
+        rec.reconcile()
+    assert sink.entries == {"10.0.0.1": 1, "fd00::1": 1, "10.0.0.2": 1}
+    assert rec.refused == len(bad)  # counted and logged once per address
+    assert not [e for e in logs if e["event"] == "reconcile.address_refused"]
+
+
 class FlakySink(MemorySink):
     def __init__(self, fail_on: set[int]) -> None:
         super().__init__()
@@ -168,6 +208,7 @@ def test_against_real_endpoint_map() -> None:
         ep = dataplane.EndpointMap(fd)
         ep.put("10.0.0.9", EZ_EP_ENROLLED)  # left by a previous agent, gone now
         ep.put("10.0.0.2", EZ_EP_ENROLLED | 0b10)
+        ep.put("127.0.0.1", EZ_EP_ENROLLED)  # never valid: removed by the first write
         s = complete_state("10.0.0.1", "10.0.0.2", "fd00::1")
         rec = Reconciler(s, ep)
         rec.reconcile()
@@ -177,5 +218,10 @@ def test_against_real_endpoint_map() -> None:
         )
         rec.reconcile()
         assert ep.read_all() == {"10.0.0.1": 1, "10.0.0.2": 1, "10.0.0.7": 1}
+        # a local workload carrying loopback and metadata addresses: only its pod address
+        s.apply(ADDRESS_TYPE, [wl_res("u/odd", "127.0.0.1", "::1", "169.254.169.254", "10.0.0.8")])
+        rec.reconcile()
+        assert ep.read_all() == {"10.0.0.1": 1, "10.0.0.2": 1, "10.0.0.7": 1, "10.0.0.8": 1}
+        assert s.refused_total == 3
     finally:
         os.close(fd)

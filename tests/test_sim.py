@@ -5,7 +5,6 @@ the agent, and everything is removed afterwards, also when a step fails."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import textwrap
 from collections.abc import Iterator
@@ -13,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from eztunnel_plugin import inpod, sim, standin
-from eztunnel_plugin.sim import AmbientNode, SimError
+from eztunnel_lab import counters, inpod, netlab, sim, standin
+from eztunnel_lab.netlab import Lab
+from eztunnel_lab.sim import AmbientNode, SimError
 
-from .conftest import PY, TOOLS, wait_line
+from .conftest import PY, TOOLS, flowcheck_client, flowcheck_server, require_root, wait_line
 
 pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture
 def node() -> Iterator[AmbientNode]:
-    if os.geteuid() != 0:
-        pytest.fail("kernel tests need root (BPF, namespaces, cgroups)")
+    require_root()
     with AmbientNode(("a", "b"), agent=False) as n:
         yield n
 
@@ -52,47 +51,13 @@ def peer_client(node: AmbientNode, netns: str, host: str, port: int) -> str:
 def flowcheck(
     node: AmbientNode, src: sim.SimPod, dst: sim.SimPod, port: int, conns: int, *extra: str
 ) -> dict[str, object]:
-    proc = node.spawn(
-        src,
-        [
-            PY,
-            "-m",
-            "eztunnel_plugin.flowcheck",
-            "client",
-            "--connect",
-            dst.ip,
-            "--port",
-            str(port),
-            "--conns",
-            str(conns),
-            "--timeout",
-            "60",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    return flowcheck_client(
+        node.lab, src.pod, dst.ip, port, "--conns", str(conns), *extra, timeout=70
     )
-    out, err = proc.communicate(timeout=90)
-    result: dict[str, object] = json.loads(out.decode().strip().splitlines()[-1])
-    assert result["ok"], f"{result}; {err.decode()[-1000:]}"
-    return result
-
-
-def flowcheck_server(node: AmbientNode, pod: sim.SimPod, port: int) -> None:
-    proc = node.spawn(
-        pod,
-        [PY, "-m", "eztunnel_plugin.flowcheck", "server", "--port", str(port)],
-        stdout=subprocess.PIPE,
-    )
-    wait_line(proc, '{"listening"')
 
 
 def leftovers(node: AmbientNode, pids: list[int]) -> list[str]:
-    netns = subprocess.run(
-        ["ip", "netns", "list"], capture_output=True, text=True, check=True
-    ).stdout
-    left = [line.split()[0] for line in netns.splitlines() if node.lab.tag in line]
-    left += [str(p) for p in (node.lab.cgroup, node.lab.bpffs, node.workdir) if p.exists()]
+    left = node.leftovers()
     left += [
         f"pid {pid}"
         for pid in pids
@@ -190,7 +155,7 @@ def test_hbone_port_requires_a_mesh_client_certificate(node: AmbientNode) -> Non
 
 def test_a_to_b_without_agent_is_intact_and_not_spliced(node: AmbientNode) -> None:
     a, b = node.pods
-    flowcheck_server(node, b, 9000)
+    flowcheck_server(node.lab, b.pod, 9000)
     before = node.standin_stats()
     flowcheck(node, a, b, 9000, 24)
     sim.check_path(before, node.standin_stats(), "a", "b", 24)
@@ -199,15 +164,14 @@ def test_a_to_b_without_agent_is_intact_and_not_spliced(node: AmbientNode) -> No
 
 def test_a_to_b_with_agent_every_hop_spliced_and_intact(node: AmbientNode) -> None:
     a, b = node.pods
-    flowcheck_server(node, b, 9000)
+    flowcheck_server(node.lab, b.pod, 9000)
     node.start_agent()  # fake istiod over xDS -> endpoint map
     assert node.enrolled() == sorted([a.ip, b.ip])
     before, c0 = node.standin_stats(), node.counters()
     flowcheck(node, a, b, 9000, 24, "--concurrency", "1")
     sim.check_path(before, node.standin_stats(), "a", "b", 24)
-    c1 = node.counters()
-    delta = {k: c1[k] - c0[k] for k in c1}
-    for rule in ("pairs_capture", "pairs_cross_mirror", "pairs_netns_mirror"):
+    delta = counters.delta(c0, node.counters())
+    for rule in counters.HOP_RULES:
         assert delta[rule] == 24, delta  # S1-S2, S3-S4, S5-S6 of each connection
     assert delta["bytes_redirected"] > 0 and delta["np_no_peer"] == 0
     # Concurrent, up to 4 MB each way: still intact (whatever got spliced).
@@ -225,9 +189,7 @@ def flood(node: AmbientNode, src: sim.SimPod, dst: sim.SimPod, port: int) -> str
     node.spawn(
         dst, [PY, str(TOOLS / "peer.py"), "sink", "0.0.0.0", str(port)], stdout=subprocess.PIPE
     )
-    node.wait_until(
-        lambda: f":{port} " in node.lab.exec(dst.netns, "ss", "-ltnH").stdout, 10, "the sink"
-    )
+    node.wait_listening(dst.netns, [port], "the sink", timeout=10)
     proc = node.spawn(
         src, [PY, str(TOOLS / "peer.py"), "flood", dst.ip, str(port), "512"], stdout=subprocess.PIPE
     )
@@ -246,6 +208,41 @@ def test_stalled_reader_bounds_the_sender_with_agent(node: AmbientNode) -> None:
     node.start_agent()
     accepted = flood(node, a, b, 9100)
     assert int(accepted.split()[0]) < 64, accepted
+
+
+# ---- the lab's helpers ---------------------------------------------------------------------------
+
+_LISTEN = textwrap.dedent("""
+    import socket, time
+    v4 = socket.socket()
+    v4.bind(("127.0.0.1", 19000))
+    v6 = socket.socket(socket.AF_INET6)
+    v6.bind(("::", 9001))
+    for s in (v4, v6):
+        s.listen()
+    print("listening", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_wait_listening_needs_each_exact_port_and_fails_when_the_server_exits(lab: Lab) -> None:
+    pod = lab.add_pod()
+    wait_line(lab.spawn(pod, [PY, "-c", _LISTEN], stdout=subprocess.PIPE), "listening")
+    netlab.wait_listening(pod.name, [19000, 9001], 5)
+    assert netlab.listening(pod.name, [9001])  # IPv6 wildcard, printed as *:9001
+    assert not netlab.listening(pod.name, [9000])  # :19000 is not :9000
+    assert not netlab.listening(pod.name, [19000, 9000])  # every port, not any
+    with pytest.raises(netlab.WaitError, match="timed out waiting for"):
+        netlab.wait_listening(pod.name, [9000], 0.3)
+    dead = lab.spawn(pod, [PY, "-c", "raise SystemExit(3)"])
+    with pytest.raises(netlab.WaitError, match=r"process exited \(3\)"):
+        netlab.wait_listening(pod.name, [9000], 30, dead)
+
+
+def test_counter_delta_is_what_moved_and_counts_new_counters_from_zero() -> None:
+    before = {"pairs": 5, "pairs_capture": 2}
+    after = {"pairs": 9, "pairs_capture": 2, "np_no_peer": 3}
+    assert counters.delta(before, after) == {"pairs": 4, "pairs_capture": 0, "np_no_peer": 3}
 
 
 # ---- nothing is left behind -------------------------------------------------------------------

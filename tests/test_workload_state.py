@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from google.protobuf import any_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
-from eztunnel_plugin.fake_istiod import make_resource
+from eztunnel_lab.fake_istiod import make_resource
+from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2 as dpb
 from eztunnel_plugin.pb.istio.security import authorization_pb2 as az
 from eztunnel_plugin.pb.istio.workload import workload_pb2 as wl
 from eztunnel_plugin.reconciler import MemorySink, Reconciler
@@ -317,3 +321,107 @@ def test_fuzz_state_and_sink(
         sink.allowed = snap.endpoints
         rec.reconcile()
         assert sink.entries == dict.fromkeys(snap.endpoints, 1)
+
+
+# --- addresses that are never enrolled ----------------------------------------------
+REFUSED = {
+    "127.0.0.1": "loopback",
+    "::1": "loopback",
+    "0.0.0.0": "unspecified",
+    "::": "unspecified",
+    "224.0.0.1": "multicast",
+    "ff02::1": "multicast",
+    "169.254.169.254": "link-local",
+    "fe80::1": "link-local",
+    "255.255.255.255": "broadcast",
+    "0.1.2.3": "reserved",
+    "240.0.0.1": "reserved",
+    "::ffff:127.0.0.2": "loopback",
+}
+
+
+def test_non_unicast_addresses_are_never_enrolled() -> None:
+    with capture_logs() as logs:
+        s = state(
+            *(wl_res(f"u/bad{i}", ip, "10.0.1.1" if i == 0 else f"fd00::{i:x}")
+              for i, ip in enumerate(REFUSED))
+        )  # fmt: skip
+    # the rest of each workload applies: its good address is enrolled
+    assert s.snapshot().endpoints == {"10.0.1.1", *(f"fd00::{i:x}" for i in range(1, len(REFUSED)))}
+    assert set(s.workloads) == {f"u/bad{i}" for i in range(len(REFUSED))}
+    assert endpoints_of(s.workloads, NODE) == s.snapshot().endpoints
+    assert s.refused_total == len(REFUSED)
+    got = {e["ip"]: e["reason"] for e in logs if e["event"] == "xds.address_refused"}
+    assert got == {canonical_ip(ip): why for ip, why in REFUSED.items()}
+    assert all(e["log_level"] == "warning" for e in logs if e["event"] == "xds.address_refused")
+    # a re-push of the same workloads logs and counts nothing new
+    with capture_logs() as logs:
+        s.apply(ADDRESS_TYPE, [wl_res("u/bad0", "127.0.0.1", "10.0.1.1", namespace="again")])
+    assert s.workloads["u/bad0"].namespace == "again"
+    assert s.refused_total == len(REFUSED)
+    assert not [e for e in logs if e["event"] == "xds.address_refused"]
+    # other nodes' and out-of-mesh workloads are not this node's business
+    s.apply(ADDRESS_TYPE, [wl_res("u/far", "127.0.0.2", node="node-2")])
+    assert s.refused_total == len(REFUSED)
+    # the address leaves the workload and comes back: that is news again
+    s.apply(ADDRESS_TYPE, [wl_res("u/bad0", "10.0.1.1")])
+    assert "u/bad0" not in s.refused
+    s.apply(ADDRESS_TYPE, [wl_res("u/bad0", "10.0.1.1", "127.0.0.1")])
+    assert s.refused_total == len(REFUSED) + 1
+    s.apply(ADDRESS_TYPE, [], removed=["u/bad0"])
+    assert "u/bad0" not in s.refused
+
+
+def test_refused_addresses_never_reach_the_sink() -> None:
+    s = state(wl_res("u/lo", "127.0.0.1", "10.0.0.1"), wl_res("u/md", "169.254.169.254"))
+    sink = MemorySink()
+    Reconciler(s, sink).reconcile()
+    assert sink.entries == {"10.0.0.1": 1}
+
+
+# --- the duplicate-address check is linear ----------------------------------------
+CHAIN = 20_000
+
+
+def chain_ip(i: int) -> bytes:
+    return (0x0A000000 + i).to_bytes(4)
+
+
+def chain_res(uid: str, ip: bytes) -> Any:
+    """wl_res, cheaper: 20,000 of them are built per response."""
+    w = wl.Workload(uid=uid, name=uid, node=NODE, tunnel_protocol=wl.HBONE, addresses=[ip])
+    body = any_pb2.Any(type_url=ADDRESS_TYPE, value=wl.Address(workload=w).SerializeToString())
+    return dpb.Resource(name=uid, version="1", resource=body)
+
+
+@pytest.mark.timeout(60)  # the old fixpoint took minutes here (one rejection per pass)
+def test_chain_of_moves_cascades_in_one_response() -> None:
+    """w_i moves onto w_{i+1}'s address, the last one onto an address held by someone
+    who stays. The last is rejected, so w_{n-2} can't have its address, and so on."""
+    anchor = packed("10.200.0.1")
+    s = state(
+        chain_res("u/anchor", anchor), *(chain_res(f"u/w{i}", chain_ip(i)) for i in range(CHAIN))
+    )
+    before = dict(s.workloads)
+    moves = [chain_res(f"u/w{i}", chain_ip(i + 1)) for i in range(CHAIN - 1)]
+    r = s.apply(ADDRESS_TYPE, [*moves, chain_res(f"u/w{CHAIN - 1}", anchor)])
+    got = reasons(r)
+    assert len(got) == CHAIN
+    assert got[f"u/w{CHAIN - 1}"] == "duplicate address 10.200.0.1: already held by u/anchor"
+    assert got["u/w0"] == "duplicate address 10.0.0.1: already held by u/w1"
+    assert s.workloads == before and not r.changed and len(s.snapshot().endpoints) == CHAIN + 1
+
+
+def test_chain_of_moves_onto_a_free_address_is_accepted() -> None:
+    s = state(*(chain_res(f"u/w{i}", chain_ip(i)) for i in range(100)))
+    r = s.apply(
+        ADDRESS_TYPE,
+        [
+            *(chain_res(f"u/w{i}", chain_ip(i + 1)) for i in range(99)),
+            chain_res("u/w99", anchor := packed("10.201.0.1")),
+        ],
+    )
+    assert not r.rejected and r.updated == 100
+    assert s.workloads["u/w0"].addresses == ("10.0.0.1",)
+    assert s.workloads["u/w99"].addresses == ("10.201.0.1",)
+    assert anchor and len(s.snapshot().endpoints) == 100

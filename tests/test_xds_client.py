@@ -16,12 +16,13 @@ from cryptography.x509.oid import NameOID
 from google.protobuf import any_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
-from eztunnel_plugin.fake_istiod import FakeIstiod, make_resource
+from eztunnel_lab.fake_istiod import FakeIstiod, make_resource
 from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2
 from eztunnel_plugin.pb.istio.workload import workload_pb2 as wl
 from eztunnel_plugin.workload_state import ADDRESS_TYPE, AUTHORIZATION_TYPE, WorkloadState
-from eztunnel_plugin.xds_client import XdsClient, XdsConfig, node_id
+from eztunnel_plugin.xds_client import ConnectError, XdsClient, XdsConfig, node_id
 from tests.xds_testlib import (
     NODE,
     authz_res,
@@ -57,11 +58,14 @@ def test_config_from_env_defaults() -> None:
     assert c.keepalive_time_s >= 15 and c.max_receive_bytes == 200 * 1024 * 1024
     assert c.node_id == "ztunnel~1.1.1.1~.~.svc.cluster.local"
     c = XdsConfig.from_env(
-        {"XDS_ADDRESS": "https://istiod-rev.ns.svc:15012", "AUTH_TOKEN": "static-token"}
+        {"XDS_ADDRESS": "https://istiod-rev.ns.svc:15012", "AUTH_TOKEN": "static:static-token"}
     )
     assert c.target == "istiod-rev.ns.svc:15012" and c.tls_server_name() == "istiod-rev.ns.svc"
     assert c.token == "static-token" and c.token_file is None
     assert "static-token" not in repr(c)
+    # anything else is a file, even one that does not exist (config.py then refuses it)
+    c = XdsConfig.from_env({"AUTH_TOKEN": "/var/run/secrets/tokens/istio-tokne"})
+    assert c.token is None and c.token_file == "/var/run/secrets/tokens/istio-tokne"
     assert XdsConfig.from_env({"XDS_ADDRESS": "127.0.0.1:15012"}).tls_server_name() == (
         "istiod.istio-system.svc"
     )
@@ -455,5 +459,121 @@ def test_non_transport_errors_back_off(code: grpc.StatusCode) -> None:
             assert s.client.stats.last_error == "INTERNAL: boom"
             # the stream was short (< healthy_stream_s) and the error is not a transport close
             assert s.client.stats.last_delay_s > s.client.config.fast_retry_s
+
+    run(body())
+
+
+# --- bounded strings from the server, tokens, TLS roots ------------------------------
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("nonce", "N" * (20 << 20)), ("type_url", ADDRESS_TYPE + "/" + "x" * 4096)],
+)
+def test_oversize_nonce_or_type_url_drops_the_stream(field: str, value: str) -> None:
+    async def body() -> None:
+        fake = FakeIstiod(resources(wl_res("u/a", "10.0.0.1")))
+        async with stack(fake) as s:
+            await asyncio.wait_for(s.client.synced.wait(), 5)
+            await s.settled(lambda: bool(s.sink.entries))
+            bad = discovery_pb2.DeltaDiscoveryResponse(
+                type_url=ADDRESS_TYPE, nonce="n-bad", resources=[wl_res("u/b", "10.0.0.2")]
+            )
+            setattr(bad, field, value)
+            with capture_logs() as logs:
+                fake.push_raw(bad)
+                await fake.wait_for(
+                    lambda: len(fake.records) == 2 and len(fake.records[1].acks) == 2, timeout=10
+                )
+            st = s.client.stats
+            assert st.protocol_errors == 1 and st.nacks == 0
+            assert st.last_error.startswith("protocol error:") and len(st.last_error) < 700
+            assert st.last_delay_s > s.client.config.fast_retry_s  # backed off
+            # never echoed: every request either stream sent is small
+            for rec in fake.records:
+                for req in rec.requests:
+                    assert len(req.SerializeToString()) < 4096
+            assert all(len(repr(e)) < 4096 for e in logs)
+            assert "u/b" not in s.state.workloads and s.sink.entries == {"10.0.0.1": 1}
+
+    run(body())
+
+
+def test_server_error_details_are_bounded() -> None:
+    async def body() -> None:
+        fake = FakeIstiod(resources(wl_res("u/a", "10.0.0.1")))
+        async with stack(fake) as s:
+            await asyncio.wait_for(s.client.synced.wait(), 5)
+            fake.close_streams(grpc.StatusCode.INTERNAL, "boom " * 1000)
+            await fake.wait_for(lambda: len(fake.records) == 2)
+            err = s.client.stats.last_error
+            assert err.startswith("INTERNAL: boom boom") and len(err) < 600
+            assert err.endswith("... (5010 characters)")  # 10 of them: "INTERNAL: "
+
+    run(body())
+
+
+def test_resource_versions_are_bounded() -> None:
+    s = WorkloadState(NODE)
+    r = wl_res("u/a", "10.0.0.1")
+    r.version = "v" * 5000
+    result = s.apply(ADDRESS_TYPE, [r])
+    assert result.rejected == [("u/a", "resource version is 5000 characters, limit 1024")]
+
+
+def test_plaintext_with_a_token_warns_once() -> None:
+    async def body() -> None:
+        fake = FakeIstiod(resources(wl_res("u/a", "10.0.0.1")))
+        await fake.start()
+        with capture_logs() as logs:
+            async with stack(fake, plain_config(fake.port, token="s3cr3t"), start=False) as s:
+                await asyncio.wait_for(s.client.synced.wait(), 5)
+                fake.close_streams()
+                await fake.wait_for(
+                    lambda: len(fake.records) == 2 and len(fake.records[1].acks) == 2
+                )
+        assert fake.records[1].metadata["authorization"] == "Bearer s3cr3t"
+        warned = [e for e in logs if e["event"] == "xds.token_in_cleartext"]
+        assert len(warned) == 1 and warned[0]["log_level"] == "warning"
+        assert "s3cr3t" not in repr(logs)
+
+        fake = FakeIstiod(resources(wl_res("u/a", "10.0.0.1")))
+        with capture_logs() as logs:
+            async with stack(fake) as s:  # no token: nothing to warn about
+                await asyncio.wait_for(s.client.synced.wait(), 5)
+        assert not [e for e in logs if e["event"] == "xds.token_in_cleartext"]
+
+    run(body())
+
+
+def test_empty_token_file_at_reconnect_backs_off_and_sends_nothing(tmp_path: Path) -> None:
+    token = tmp_path / "istio-token"
+    token.write_text("tok-1")
+
+    async def body() -> None:
+        fake = FakeIstiod(resources(wl_res("u/a", "10.0.0.1")))
+        await fake.start()
+        async with stack(fake, plain_config(fake.port, token_file=str(token)), start=False) as s:
+            await asyncio.wait_for(s.client.synced.wait(), 5)
+            token.write_text("\n")  # a rotation caught half way
+            fake.close_streams()
+            for _ in range(300):
+                if "is empty" in s.client.stats.last_error:
+                    break
+                await asyncio.sleep(0.01)
+            assert s.client.stats.last_error == f"token file {token} is empty"
+            assert s.client.stats.last_delay_s > s.client.config.fast_retry_s
+            assert len(fake.records) == 1  # no stream went out without the header
+            token.write_text("tok-2\n")
+            await fake.wait_for(lambda: len(fake.records) == 2, timeout=10)
+            assert fake.records[1].metadata["authorization"] == "Bearer tok-2"
+            assert s.state.workloads.keys() == {"u/a"}
+
+    run(body())
+
+
+def test_empty_root_cert_is_a_connect_error() -> None:
+    async def body() -> None:
+        client = XdsClient(plain_config(1, plaintext=False, root_cert=""), WorkloadState(NODE))
+        with pytest.raises(ConnectError, match="root cert is empty"):
+            await client.run_stream()
 
     run(body())

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 
 from google.protobuf import any_pb2
 
+from eztunnel_lab.fake_istiod import FakeIstiod, make_resource
 from eztunnel_plugin.aio import cancel_all
-from eztunnel_plugin.fake_istiod import FakeIstiod, make_resource
 from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2
 from eztunnel_plugin.pb.istio.security import authorization_pb2 as authz_pb
 from eztunnel_plugin.pb.istio.workload import workload_pb2 as wl_pb

@@ -1,3 +1,5 @@
 """eztunnel-plugin: in-kernel socket splicing for Istio ambient, beside ztunnel."""
 
+# The one source of the version: pyproject.toml reads it from here (setuptools
+# dynamic attr), cheaper at start than importlib.metadata's parser.
 __version__ = "0.1.0"

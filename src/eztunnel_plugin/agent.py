@@ -15,9 +15,9 @@ import signal
 import time
 from dataclasses import dataclass
 
-from eztunnel_plugin import __version__, api, bpfsys, dataplane, log, metrics
+from eztunnel_plugin import __version__, admin, api, bpfsys, dataplane, log, metrics
 from eztunnel_plugin.aio import cancel_all
-from eztunnel_plugin.api import ApiServer
+from eztunnel_plugin.api import ApiServer, Reader
 from eztunnel_plugin.config import AgentConfig
 from eztunnel_plugin.endpoints_file import StaticEndpoints
 from eztunnel_plugin.events import EventBus
@@ -70,6 +70,7 @@ class Agent:
         self.static: StaticEndpoints | None = None
         self.xds: XdsClient | None = None
         self.reconciler: Reconciler | None = None
+        self.reader = Reader()  # every map read the API and metrics make, off the loop
         self._api: ApiServer
         self._disconnected_since: float | None = time.monotonic()
 
@@ -107,7 +108,9 @@ class Agent:
         self._api = await api.start(self, cfg.grpc_listen)
         tasks: list[asyncio.Task[None]] = []
         metrics_server = None
+        admin_server = None
         try:
+            admin_server = await admin.start(self, cfg.admin_socket)
             if cfg.metrics_listen is not None:
                 metrics_server = await metrics.start(self, cfg.metrics_listen)
             sink = ObservedSink(self.dp.endpoints, self.events)
@@ -133,7 +136,10 @@ class Agent:
             await cancel_all(tasks)
             if metrics_server is not None:
                 metrics_server.close()
+            if admin_server is not None:
+                await admin_server.stop(grace=1.0)
             await self._api.stop(grace=1.0)
+            self.reader.close()  # before the maps close under a read
             self.dp.close()
         return 0
 

@@ -1,20 +1,29 @@
 """The gRPC inspection API `eztunnel.v1.Inspector`, with health and server reflection.
 
-It reads what the agent holds (and the BPF maps themselves); the only thing it
-changes is the kill switch, on request.
+It reads what the agent holds (and the BPF maps themselves) and changes nothing:
+state changes are `eztunnel.v1.Admin`, served only on the admin socket (admin.py).
+Map reads run on one worker thread, never on the event loop, so a large map
+can't stall xDS or health; ListFlows reads one bounded page per call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import ctypes
+import errno
+import re
+import struct
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from eztunnel_plugin import layout, log
+from eztunnel_plugin import bpfsys, dataplane, layout, log
 from eztunnel_plugin.config import Listen
 from eztunnel_plugin.pb.eztunnel.v1 import inspector_pb2 as pb
 from eztunnel_plugin.pb.eztunnel.v1 import inspector_pb2_grpc as pb_grpc
@@ -23,25 +32,148 @@ if TYPE_CHECKING:
     from eztunnel_plugin.agent import Agent
 
 SERVICE = "eztunnel.v1.Inspector"
+ADMIN_SERVICE = "eztunnel.v1.Admin"
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+MAX_SCAN = 8 * MAX_PAGE  # sockets one ListFlows page reads at most, flows or not
+MAX_WAITING_READS = 32
 
 _log = log.get(__name__)
+_T = TypeVar("_T")
+_TOKEN = re.compile(r"b(\d{1,10})")
+
+
+class ReaderBusy(Exception):
+    """Too many reads are already waiting for the reader."""
+
+
+class Reader:
+    """Map reads for the API and metrics, on one worker thread off the event loop.
+
+    One worker: a burst of requests queues up instead of running many map reads at
+    once; past `max_waiting` a read is refused rather than queued.
+    """
+
+    def __init__(self, max_waiting: int = MAX_WAITING_READS) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ez-reader")
+        self._max = max_waiting
+        self._waiting = 0
+
+    @property
+    def waiting(self) -> int:
+        """Reads running or queued."""
+        return self._waiting
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        if self._waiting >= self._max:
+            raise ReaderBusy(f"{self._waiting} map reads are waiting already")
+        self._waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        finally:
+            self._waiting -= 1
+
+    def close(self) -> None:
+        """Wait for the read in progress (the maps must outlive it); drop queued ones."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def read_flow_page(
+    dp: dataplane.Dataplane, bucket: int, size: int
+) -> tuple[list[dataplane.Flow], int | None]:
+    """Flows from hash bucket `bucket` of the socket map on, and where to resume.
+
+    Whole buckets are read, so a cursor stays valid whatever changes meanwhile. Each
+    batch asks for no more sockets than flows are still missing, so the page stays
+    within `size` unless one bucket alone holds more.
+    """
+    fd = dp.maps["ez_sockinfo"]
+    vsize = ctypes.sizeof(layout.SockInfo)
+    flows: list[dataplane.Flow] = []
+    cursor: int | None = bucket
+    scanned = 0
+    while cursor is not None and len(flows) < size and scanned < MAX_SCAN:
+        want = size - len(flows)
+        try:
+            entries, after = bpfsys.map_lookup_batch(fd, 8, vsize, cursor, want)
+        except bpfsys.BpfError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            if flows:
+                break  # the next bucket holds more than this page has room for
+            entries, after = _whole_bucket(fd, vsize, cursor, want)
+        scanned += len(entries)
+        cursor = after
+        for key, raw in entries:
+            info = layout.SockInfo.from_buffer_copy(raw)
+            if not info.active or info.rule == layout.Rule.NONE:
+                continue
+            peer = bpfsys.map_lookup(fd, struct.pack("=Q", info.peer_cookie), vsize)
+            if peer is None:
+                continue
+            (cookie,) = struct.unpack("=Q", key)
+            pair = {cookie: info, info.peer_cookie: layout.SockInfo.from_buffer_copy(peer)}
+            # One flow per active socket: its peer is listed when the walk reaches it.
+            flows.extend(f for f in dataplane._pairs(pair) if f.active_cookie == cookie)
+    return flows, cursor
+
+
+def _whole_bucket(
+    fd: int, vsize: int, bucket: int, count: int
+) -> tuple[list[tuple[bytes, bytes]], int | None]:
+    """A first bucket larger than `count`: read it whole (the page may grow past size)."""
+    while count < layout.MAX_SOCKETS:
+        count *= 2
+        try:
+            return bpfsys.map_lookup_batch(fd, 8, vsize, bucket, count)
+        except bpfsys.BpfError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+    return bpfsys.map_lookup_batch(fd, 8, vsize, bucket, layout.MAX_SOCKETS)
+
+
+def encode_token(bucket: int) -> str:
+    return base64.urlsafe_b64encode(f"b{bucket}".encode()).decode()
+
+
+def decode_token(token: str) -> int | None:
+    """The bucket a page token resumes at (0 for none), or None when it is not ours."""
+    if not token:
+        return 0
+    try:
+        m = _TOKEN.fullmatch(base64.urlsafe_b64decode(token.encode()).decode())
+    except ValueError:
+        return None
+    return int(m.group(1)) if m and int(m.group(1)) < 1 << 32 else None
 
 
 def _state(s: layout.SockState) -> str:
     return s.name.lower()
 
 
-class Inspector(pb_grpc.InspectorServicer):  # type: ignore[misc]
+def addresses_refused(a: Agent) -> int:
+    """Addresses a source named that were never enrolled (the sources' own check, then
+    the reconciler's, which should never find one)."""
+    total = a.state.refused_total if a.state is not None else 0
+    return total + (a.reconciler.refused if a.reconciler is not None else 0)
+
+
+class Inspector(pb_grpc.InspectorServicer):
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
-    def _dp(self, context: grpc.aio.ServicerContext) -> Any:
+    def _dp(self, context: Any) -> Any:
         if self.agent.dp is None:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details("data plane not loaded yet")
         return self.agent.dp
+
+    async def _read(self, context: Any, fn: Callable[..., _T], *args: Any) -> _T:
+        try:
+            return await self.agent.reader.run(fn, *args)
+        except ReaderBusy as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later")
+            raise AssertionError("abort() raises") from e
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.Status:
         a = self.agent
@@ -57,11 +189,12 @@ class Inspector(pb_grpc.InspectorServicer):  # type: ignore[misc]
             uptime_seconds=round(time.time() - a.started, 3),
         )
         if dp is not None:
-            status.enabled = dp.enabled
+            cfg, ports = await self._read(context, lambda: (dp.config(), dp.capture_ports()))
+            status.enabled = bool(cfg.enabled)
             status.reused_pins = dp.reused
             status.programs_attached.extend(sorted(dp.links))
-            status.backlog_limit_bytes = dp.config().backlog_limit
-            status.capture_ports.extend(dp.capture_ports())
+            status.backlog_limit_bytes = cfg.backlog_limit
+            status.capture_ports.extend(ports)
         if a.xds is not None and a.state is not None:
             st = a.xds.stats
             status.xds.address = a.xds.config.address
@@ -77,6 +210,9 @@ class Inspector(pb_grpc.InspectorServicer):  # type: ignore[misc]
                     last_acked_nonce=st.acked_nonce.get(type_url, ""),
                     resources=len(a.state.held(type_url)),
                 )
+        if a.static is not None:
+            status.source_error = a.static.last_error
+        status.addresses_refused = addresses_refused(a)
         return status
 
     async def ListEndpoints(
@@ -85,7 +221,7 @@ class Inspector(pb_grpc.InspectorServicer):  # type: ignore[misc]
         dp = self._dp(context)
         if dp is None:
             return pb.ListEndpointsResponse()
-        in_map = dp.endpoints.read_all()
+        in_map = await self._read(context, dp.endpoints.read_all)
         owners = self.agent.owners()
         resp = pb.ListEndpointsResponse()
         for ip in sorted(owners):
@@ -106,13 +242,15 @@ class Inspector(pb_grpc.InspectorServicer):  # type: ignore[misc]
         if dp is None:
             return pb.ListFlowsResponse()
         size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
-        try:
-            start = int(base64.urlsafe_b64decode(request.page_token).decode() or 0)
-        except ValueError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad page_token")
-        flows = sorted(dp.flows(), key=lambda f: f.active_cookie)
-        page = flows[start : start + size]
-        resp = pb.ListFlowsResponse(total=len(flows))
+        bucket = decode_token(request.page_token)
+        if bucket is None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "bad page_token: pass the previous page's next_page_token, or none",
+            )
+        assert bucket is not None
+        page, after = await self._read(context, read_flow_page, dp, bucket, size)
+        resp = pb.ListFlowsResponse()
         for f in page:
             resp.flows.add(
                 client=f.local,
@@ -127,8 +265,8 @@ class Inspector(pb_grpc.InspectorServicer):  # type: ignore[misc]
                 client_state=_state(f.state_active),
                 server_state=_state(f.state_passive),
             )
-        if start + size < len(flows):
-            resp.next_page_token = base64.urlsafe_b64encode(str(start + size).encode()).decode()
+        if after is not None:
+            resp.next_page_token = encode_token(after)
         return resp
 
     async def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.Stats:
@@ -136,22 +274,11 @@ class Inspector(pb_grpc.InspectorServicer):  # type: ignore[misc]
         if dp is None:
             return pb.Stats()
         stats = pb.Stats()
-        for name, value in dp.counters().items():
+        for name, value in (await self._read(context, dp.counters)).items():
             stats.counters[name] = value
             if name.startswith("np_"):
                 stats.not_paired_reasons[name[3:]] = value
         return stats
-
-    async def SetEnabled(
-        self, request: pb.SetEnabledRequest, context: Any
-    ) -> pb.SetEnabledResponse:
-        dp = self._dp(context)
-        if dp is None:
-            return pb.SetEnabledResponse()
-        dp.set_enabled(request.enabled)
-        _log.warning("killswitch.set", enabled=request.enabled)
-        self.agent.events.publish("dataplane.enabled" if request.enabled else "dataplane.disabled")
-        return pb.SetEnabledResponse(enabled=dp.enabled)
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> Any:
         async with self.agent.events.subscribe() as queue:
@@ -160,6 +287,31 @@ class Inspector(pb_grpc.InspectorServicer):  # type: ignore[misc]
             while True:
                 event = await queue.get()
                 yield pb.Event(time=event.time, kind=event.kind, fields=event.fields)
+
+
+class RefuseStateChanges(grpc.GenericRpcHandler):
+    """State changes asked on the TCP port (the old Inspector/SetEnabled, or Admin):
+    refused with a pointer to the admin socket, where the caller can be identified."""
+
+    METHODS = frozenset({"/eztunnel.v1.Inspector/SetEnabled"})
+
+    def __init__(self, admin_socket: str) -> None:
+        self.admin_socket = admin_socket
+
+    def service(self, details: Any) -> Any:
+        method = str(details.method)
+        if method not in self.METHODS and not method.startswith(f"/{ADMIN_SERVICE}/"):
+            return None
+
+        async def refuse(request: bytes, context: Any) -> None:
+            _log.warning("admin.refused_on_tcp", method=method, peer=context.peer())
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method.rsplit('/', 1)[-1]} changes state: it is served only on the admin "
+                f"socket {self.admin_socket} ({ADMIN_SERVICE}, root only), not on this port",
+            )
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 class ApiServer:
@@ -186,6 +338,7 @@ class ApiServer:
 async def start(agent: Agent, listen: Listen) -> ApiServer:
     server = grpc.aio.server()
     pb_grpc.add_InspectorServicer_to_server(Inspector(agent), server)
+    server.add_generic_rpc_handlers((RefuseStateChanges(str(agent.cfg.admin_socket)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -1,8 +1,11 @@
 """The few bpf(2) commands pylibbpf does not expose, over ctypes.
 
 Program fds of a loaded object, BPF links (cgroup sock_ops, sk_msg on a
-SOCKHASH), pinning and opening pins, object info, and map access by fd
-(including per-CPU values, which pylibbpf reads with a wrong buffer size).
+SOCKHASH) and their in-place update, pinning and opening pins, object info,
+and map access by fd (including per-CPU values, which pylibbpf reads with a
+wrong buffer size). `load_object` loads an object file through libbpf's C API
+(the copy bundled in pylibbpf's extension), with maps reused from pins, which
+pylibbpf's Python API cannot do.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import importlib.util
 import os
 import struct
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -24,7 +29,10 @@ MAP_GET_NEXT_KEY = 4
 OBJ_PIN = 6
 OBJ_GET = 7
 OBJ_GET_INFO_BY_FD = 15
+MAP_LOOKUP_BATCH = 24
+PROG_GET_FD_BY_ID = 13
 LINK_CREATE = 28
+LINK_UPDATE = 29
 LINK_DETACH = 34
 
 # enum bpf_attach_type
@@ -35,6 +43,9 @@ SK_MSG_VERDICT = 7
 # map update flags
 ANY = 0
 NOEXIST = 1
+
+# BPF_LINK_UPDATE flag: fail unless the link still runs old_prog_fd
+F_REPLACE = 1 << 2
 
 # enum bpf_map_type values we need to recognise
 MAP_TYPE_PERCPU_ARRAY = 6
@@ -72,6 +83,10 @@ def _addr(buf: ctypes.Array[ctypes.c_char] | ctypes.c_char_p) -> int:
     return ctypes.cast(buf, ctypes.c_void_p).value or 0
 
 
+def _addr_of(obj: ctypes.Array[ctypes.c_uint32]) -> int:
+    return ctypes.addressof(obj)
+
+
 # ---- pins ----------------------------------------------------------------
 
 
@@ -104,6 +119,7 @@ class MapInfo:
     value_size: int
     max_entries: int
     name: str
+    map_flags: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,10 +151,30 @@ def prog_info(fd: int) -> ProgInfo:
     return ProgInfo(ptype, pid, raw[8:16].hex(), _cstr(raw[64:80]))
 
 
+def prog_map_ids(fd: int) -> list[int]:
+    """Ids of the maps a program uses (its own .rodata included)."""
+    room = 64
+    ids = (ctypes.c_uint32 * room)()
+    buf = ctypes.create_string_buffer(232)
+    struct.pack_into("=IQ", buf, 52, room, _addr_of(ids))
+    _bpf(
+        OBJ_GET_INFO_BY_FD,
+        _attr((0, "=I", fd), (4, "=I", len(buf)), (8, "=Q", _addr(buf))),
+        f"map ids of program fd {fd}",
+    )
+    count = struct.unpack_from("=I", buf.raw, 52)[0]
+    return list(ids[: min(count, room)])
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    """Open a program by id (needs CAP_SYS_ADMIN: tests and tools only, not the agent)."""
+    return _bpf(PROG_GET_FD_BY_ID, _attr((0, "=I", prog_id)), f"open program id {prog_id}")
+
+
 def map_info(fd: int) -> MapInfo:
     raw = _info(fd, 96)
-    mtype, mid, ksz, vsz, maxe = struct.unpack_from("=IIIII", raw, 0)
-    return MapInfo(mtype, mid, ksz, vsz, maxe, _cstr(raw[24:40]))
+    mtype, mid, ksz, vsz, maxe, flags = struct.unpack_from("=IIIIII", raw, 0)
+    return MapInfo(mtype, mid, ksz, vsz, maxe, _cstr(raw[24:40]), flags)
 
 
 # enum bpf_link_type
@@ -188,6 +224,22 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
 
 def link_detach(link_fd: int) -> None:
     _bpf(LINK_DETACH, _attr((0, "=I", link_fd)), "detach link")
+
+
+def link_update(link_fd: int, new_prog_fd: int, old_prog_fd: int | None) -> None:
+    """Swap the link's program in one step; with old_prog_fd, only if it still runs that one
+    (EPERM otherwise), so a concurrent change is never overwritten."""
+    flags = 0 if old_prog_fd is None else F_REPLACE
+    _bpf(
+        LINK_UPDATE,
+        _attr(
+            (0, "=I", link_fd),
+            (4, "=I", new_prog_fd),
+            (8, "=I", flags),
+            (12, "=I", old_prog_fd or 0),
+        ),
+        "update link",
+    )
 
 
 # ---- map access by fd -----------------------------------------------------------
@@ -267,6 +319,46 @@ def map_keys(fd: int, key_size: int, limit: int = 1 << 20) -> list[bytes]:
     return keys
 
 
+def map_lookup_batch(
+    fd: int, key_size: int, value_size: int, bucket: int, count: int
+) -> tuple[list[tuple[bytes, bytes]], int | None]:
+    """Up to `count` entries of a hash map from hash bucket `bucket` on, whole buckets only.
+
+    Returns the entries and the bucket to resume from (None at the end). The cursor is
+    a bucket index, so it stays valid whatever is added or deleted meanwhile: an entry
+    present throughout is returned exactly once over a walk. Raises BpfError ENOSPC
+    when the first non-empty bucket holds more than `count` entries.
+    """
+    keys = ctypes.create_string_buffer(key_size * count)
+    values = ctypes.create_string_buffer(value_size * count)
+    cursor_in = ctypes.create_string_buffer(struct.pack("=I", bucket), 4)
+    cursor_out = ctypes.create_string_buffer(4)
+    attr = _attr(
+        (0, "=Q", _addr(cursor_in)),
+        (8, "=Q", _addr(cursor_out)),
+        (16, "=Q", _addr(keys)),
+        (24, "=Q", _addr(values)),
+        (32, "=I", count),
+        (36, "=I", fd),
+    )
+    end = False
+    try:
+        _bpf(MAP_LOOKUP_BATCH, attr, "map lookup batch")
+    except BpfError as e:
+        if e.errno != errno.ENOENT:
+            raise
+        end = True  # the last buckets: what they held is still returned
+    n = struct.unpack_from("=I", attr, 32)[0]
+    entries = [
+        (
+            keys.raw[i * key_size : (i + 1) * key_size],
+            values.raw[i * value_size : (i + 1) * value_size],
+        )
+        for i in range(n)
+    ]
+    return entries, None if end else struct.unpack("=I", cursor_out.raw)[0]
+
+
 def percpu_lookup(fd: int, key: bytes, value_size: int) -> list[bytes]:
     """One value per possible CPU (each slot rounded up to 8 bytes)."""
     slot = (value_size + 7) & ~7
@@ -274,3 +366,153 @@ def percpu_lookup(fd: int, key: bytes, value_size: int) -> list[bytes]:
     if raw is None:
         return []
     return [raw[i * slot : i * slot + value_size] for i in range(possible_cpus())]
+
+
+# ---- loading an object through libbpf's C API ----------------------------------------
+
+
+class LoadError(Exception):
+    """libbpf could not open or load the object; carries libbpf's own explanation."""
+
+
+_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_LIBBPF_WARN = 0
+
+
+@cache
+def libbpf() -> ctypes.CDLL:
+    """libbpf 1.x: the copy inside pylibbpf's extension (dlopen'ed as a plain library, so
+    pylibbpf's Python package is never imported), else the system's libbpf.so.1."""
+    candidates: list[str] = []
+    spec = importlib.util.find_spec("pylibbpf")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        candidates += sorted(str(p) for p in Path(loc).glob("pylibbpf*.so"))
+    candidates.append(ctypes.util.find_library("bpf") or "libbpf.so.1")
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path, use_errno=True)
+        except OSError:
+            continue
+        if hasattr(lib, "bpf_map__reuse_fd") and hasattr(lib, "libbpf_set_print"):
+            _declare(lib)
+            return lib
+    raise LoadError(f"no usable libbpf 1.x found (tried {', '.join(candidates)})")
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    vp, cp, i = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
+    for name, res, args in (
+        ("bpf_object__open_file", vp, [cp, vp]),
+        ("bpf_object__load", i, [vp]),
+        ("bpf_object__close", None, [vp]),
+        ("bpf_object__next_map", vp, [vp, vp]),
+        ("bpf_object__next_program", vp, [vp, vp]),
+        ("bpf_map__name", cp, [vp]),
+        ("bpf_map__fd", i, [vp]),
+        ("bpf_map__reuse_fd", i, [vp, i]),
+        ("bpf_map__type", i, [vp]),
+        ("bpf_map__key_size", ctypes.c_uint32, [vp]),
+        ("bpf_map__value_size", ctypes.c_uint32, [vp]),
+        ("bpf_map__max_entries", ctypes.c_uint32, [vp]),
+        ("bpf_map__map_flags", ctypes.c_uint32, [vp]),
+        ("bpf_program__name", cp, [vp]),
+        ("bpf_program__fd", i, [vp]),
+        ("libbpf_set_print", vp, [vp]),
+    ):
+        fn = getattr(lib, name)
+        fn.restype = res
+        fn.argtypes = args
+
+
+@dataclass
+class LoadedObject:
+    """Program and map fds of an object loaded by libbpf (valid until close())."""
+
+    prog_fds: dict[str, int]
+    map_fds: dict[str, int]
+    reused: list[str]
+    _handle: int | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            libbpf().bpf_object__close(self._handle)
+            self._handle = None
+        self.prog_fds, self.map_fds = {}, {}
+
+
+def load_object(path: Path, reuse: Mapping[str, int] | None = None) -> LoadedObject:
+    """Open and load an object; each map named in `reuse` is not created but bound to that fd
+    (libbpf refuses one whose type, sizes, max_entries or flags differ)."""
+    lib = libbpf()
+    messages: list[str] = []
+    vsnprintf = libc().vsnprintf
+    vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+
+    def on_print(level: int, fmt: bytes, args: int) -> int:
+        if level == _LIBBPF_WARN and len(messages) < 2000:
+            out = ctypes.create_string_buffer(1024)
+            vsnprintf(out, len(out), fmt, args)
+            messages.append(out.value.decode(errors="replace").rstrip())
+        return 0
+
+    printer = _PRINT_FN(on_print)
+    previous = lib.libbpf_set_print(ctypes.cast(printer, ctypes.c_void_p))
+    handle = None
+    try:
+        handle = lib.bpf_object__open_file(os.fsencode(path), None)
+        if not handle:
+            raise LoadError(_explain(f"opening {path}", ctypes.get_errno(), messages))
+        maps: dict[str, int] = {}
+        pos = lib.bpf_object__next_map(handle, None)
+        while pos:
+            maps[lib.bpf_map__name(pos).decode()] = pos
+            pos = lib.bpf_object__next_map(handle, pos)
+        reused = []
+        for name, fd in (reuse or {}).items():
+            if name not in maps:
+                raise LoadError(f"{path} has no map {name} to bind to its pin")
+            # libbpf checks nothing for a reused fd: the programs would run on a map
+            # of another shape (a layout changed without a new layout version).
+            declared = _declared(lib, maps[name])
+            pinned = map_info(fd)
+            have = (pinned.type, pinned.key_size, pinned.value_size, pinned.max_entries)
+            if (*have, pinned.map_flags) != declared:
+                raise LoadError(
+                    f"pinned map {name} (type, key, value, max entries, flags) "
+                    f"{(*have, pinned.map_flags)} differs from the object's {declared}"
+                )
+            if (rc := lib.bpf_map__reuse_fd(maps[name], fd)) != 0:
+                raise LoadError(_explain(f"reusing the pinned {name}", -rc, messages))
+            reused.append(name)
+        if (rc := lib.bpf_object__load(handle)) != 0:
+            raise LoadError(_explain(f"loading {path}", -rc, messages))
+        progs: dict[str, int] = {}
+        pos = lib.bpf_object__next_program(handle, None)
+        while pos:
+            progs[lib.bpf_program__name(pos).decode()] = lib.bpf_program__fd(pos)
+            pos = lib.bpf_object__next_program(handle, pos)
+        loaded = LoadedObject(progs, {n: lib.bpf_map__fd(m) for n, m in maps.items()}, reused)
+        loaded._handle, handle = handle, None
+        return loaded
+    finally:
+        if handle:
+            lib.bpf_object__close(handle)
+        lib.libbpf_set_print(previous)
+
+
+def _declared(lib: ctypes.CDLL, bpf_map: int) -> tuple[int, int, int, int, int]:
+    return (
+        lib.bpf_map__type(bpf_map),
+        lib.bpf_map__key_size(bpf_map),
+        lib.bpf_map__value_size(bpf_map),
+        lib.bpf_map__max_entries(bpf_map),
+        lib.bpf_map__map_flags(bpf_map),
+    )
+
+
+def _explain(what: str, err: int, messages: list[str]) -> str:
+    """One line: what failed, errno, and libbpf's most telling message."""
+    reason = os.strerror(err) if err > 0 else f"error {err}"
+    telling = [m for m in messages if "fail" in m or "error" in m.lower() or "invalid" in m]
+    hint = (telling or messages or [""])[-1 if not telling else 0]
+    return f"{what}: {reason}" + (f" ({hint})" if hint else "")

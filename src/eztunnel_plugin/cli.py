@@ -64,8 +64,8 @@ def _client(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    from eztunnel_plugin import config
+def build_parser() -> argparse.ArgumentParser:
+    from eztunnel_plugin import admin, config
 
     p = argparse.ArgumentParser(
         prog=PROG, description="Kernel socket splicing beside Istio ambient's ztunnel."
@@ -100,60 +100,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             c.add_argument("--watch", action="store_true", help="refresh until interrupted")
             c.add_argument("--interval", type=float, default=1.0)
             c.add_argument("--limit", type=int, default=0, help="stop after N refreshes")
+        if name in ("enable", "disable"):
+            c.add_argument(
+                "--admin-socket",
+                default=str(admin.DEFAULT_SOCKET),
+                help="the agent's root-only socket for state changes (default %(default)s)",
+            )
         c.set_defaults(func=_client(name))
-
-    # Development tools: their modules (TLS, the simulator) load only when chosen, so
-    # they never take memory in the agent.
-    for name, help_, add in (
-        ("fake-istiod", "a local delta-xDS server from a YAML file", _fake_istiod_arguments),
-        ("demo", "build a simulated node and show splicing live", _add_demo_arguments),
-        ("sim", "a simulated ambient node (pods, istio-cni rules, proxy)", _add_sim_arguments),
-    ):
-        tool = sub.add_parser(name, help=help_)
-        if name == command:
-            add(tool)
     return p
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from eztunnel_plugin import demo
-
-    code: int = demo.main(args)
-    return code
-
-
-def cmd_sim(args: argparse.Namespace) -> int:
-    from eztunnel_plugin import sim
-
-    code: int = sim.main(args)
-    return code
-
-
-def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from eztunnel_plugin import demo
-
-    demo.add_arguments(p)
-    p.set_defaults(func=cmd_demo)
-
-
-def _add_sim_arguments(p: argparse.ArgumentParser) -> None:
-    from eztunnel_plugin import sim
-
-    sim.add_arguments(p)
-    p.set_defaults(func=cmd_sim)
-
-
-def _fake_istiod_arguments(p: argparse.ArgumentParser) -> None:
-    from eztunnel_plugin import fake_istiod
-
-    fake_istiod.add_arguments(p)
-    p.set_defaults(func=fake_istiod.main)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -84,7 +85,10 @@ def status(args: argparse.Namespace) -> int:
         ("backlog limit", human_bytes(s.backlog_limit_bytes)),
         ("endpoint source", s.endpoint_source),
         ("uptime", f"{s.uptime_seconds:.0f} s"),
+        ("addresses refused", s.addresses_refused),
     ]
+    if s.endpoint_source.startswith("file:"):
+        rows.append(("source error", s.source_error or "-"))
     if s.endpoint_source == "xds":
         x = s.xds
         rows += [
@@ -202,15 +206,45 @@ def stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_problem(path: str, timeout: float) -> str | None:
+    """Why the admin socket can't be used, in words (gRPC's errors don't say)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(timeout)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        return f"no admin socket at {path}: is the agent running on this node?"
+    except PermissionError:
+        return f"permission denied on {path}: changing the agent's state needs root"
+    except ConnectionRefusedError:
+        return f"nothing serves {path}: is the agent running on this node?"
+    except OSError as e:
+        return f"cannot connect to {path}: {e.strerror or e}"
+    finally:
+        probe.close()
+    return None
+
+
 def _switch(enabled: bool) -> Callable[[argparse.Namespace], int]:
-    @_guard
+    """enable / disable: the admin socket, where the agent knows who asks."""
+
     def run(args: argparse.Namespace) -> int:
-        r = _call(
-            args,
-            lambda stub: stub.SetEnabled(
-                pb.SetEnabledRequest(enabled=enabled), timeout=args.timeout
-            ),
-        )
+        path = str(args.admin_socket)
+        problem = _admin_problem(path, args.timeout)
+        if problem:
+            print(f"eztunnel-plugin: {problem}", file=sys.stderr)
+            return 1
+        try:
+            with grpc.insecure_channel(f"unix:{path}") as channel:
+                r = pb_grpc.AdminStub(channel).SetEnabled(
+                    pb.SetEnabledRequest(enabled=enabled), timeout=args.timeout
+                )
+        except grpc.RpcError as e:
+            code = e.code().name if hasattr(e, "code") else "ERROR"
+            details = e.details() if hasattr(e, "details") else str(e)
+            what = "the agent refused" if code == "PERMISSION_DENIED" else f"{path}: {code}"
+            print(f"eztunnel-plugin: {what}: {details}", file=sys.stderr)
+            return 1
         print(_dump(r) if args.json else f"splicing {'enabled' if r.enabled else 'disabled'}")
         return 0 if r.enabled == enabled else 1
 
@@ -220,9 +254,8 @@ def _switch(enabled: bool) -> Callable[[argparse.Namespace], int]:
 def health(args: argparse.Namespace) -> int:
     try:
         with grpc.insecure_channel(args.grpc_addr) as channel:
-            r = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=args.timeout
-            )
+            stub: Any = health_pb2_grpc.HealthStub(channel)  # its stubs lack the methods
+            r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=args.timeout)
     except grpc.RpcError as e:
         print(f"not healthy: {e.code().name}", file=sys.stderr)
         return 1

@@ -7,15 +7,29 @@ CLI prints it on one line and exits 2.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import ipaddress
 import logging
+import math
+import os
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
-from eztunnel_plugin import dataplane, endpoints_file, layout
-from eztunnel_plugin.xds_client import XdsConfig
+from eztunnel_plugin import admin, bpfsys, dataplane, endpoints_file, layout
+from eztunnel_plugin.xds_client import (
+    STATIC_TOKEN_PREFIX,
+    ConnectError,
+    XdsConfig,
+    check_token,
+    read_token,
+)
+
+CGROUP2_SUPER_MAGIC: Final = 0x63677270
+STALE_AFTER_RANGE: Final = (1.0, 86400.0)  # seconds; the staleness check ticks at 0.5 s
 
 
 class ConfigError(ValueError):
@@ -42,6 +56,33 @@ class Listen:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def parse_number(
+    setting: str, value: object, kind: type[int] | type[float], lo: float, hi: float
+) -> float:
+    """A finite number in [lo, hi] from a flag's text (or a default); else one ConfigError."""
+    shown = str(value)[:40]
+    try:
+        number = kind(str(value).strip())
+    except (TypeError, ValueError, OverflowError):
+        want = "an integer" if kind is int else "a number"
+        raise ConfigError(setting, f"expected {want}, got {shown!r}") from None
+    if not math.isfinite(number) or not lo <= number <= hi:
+        low, high = (int(lo), int(hi)) if kind is int else (lo, hi)
+        raise ConfigError(setting, f"must be between {low} and {high}, not {shown}")
+    return number
+
+
+def check_cgroup2(setting: str, path: Path) -> None:
+    """path must be a directory of a cgroup v2 filesystem (attaching elsewhere fails late)."""
+    if not path.is_dir():
+        raise ConfigError(setting, f"{path} is not a directory")
+    buf = ctypes.create_string_buffer(120)  # struct statfs; f_type comes first
+    if bpfsys.libc().statfs(os.fsencode(path), buf) != 0:
+        raise ConfigError(setting, f"cannot statfs {path}: {os.strerror(ctypes.get_errno())}")
+    if struct.unpack_from("=q", buf, 0)[0] != CGROUP2_SUPER_MAGIC:
+        raise ConfigError(setting, f"{path} is not a cgroup v2 directory (filesystem type cgroup2)")
+
+
 def parse_listen(setting: str, text: str) -> Listen:
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
@@ -64,6 +105,7 @@ class AgentConfig:
     xds_stale_after_s: float
     capture_ports: tuple[int, ...]
     backlog_limit: int
+    admin_socket: Path = admin.DEFAULT_SOCKET
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,9 +132,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="allow --grpc-listen on a non-loopback address",
     )
     p.add_argument(
+        "--admin-socket",
+        type=Path,
+        default=admin.DEFAULT_SOCKET,
+        help="root-only unix socket for state changes (default %(default)s)",
+    )
+    p.add_argument(
         "--metrics-listen",
         default=None,
         help="Prometheus metrics address HOST:PORT (off by default)",
+    )
+    p.add_argument(
+        "--metrics-allow-remote",
+        action="store_true",
+        help="allow --metrics-listen on a non-loopback address",
     )
     p.add_argument(
         "--endpoints-file",
@@ -107,22 +160,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="talk to istiod without TLS (tests and local development only)",
     )
+    # Numbers stay text here and are checked in from_args: one clear line for any mistake.
     p.add_argument(
         "--xds-stale-after",
-        type=float,
         default=60.0,
-        help="seconds without a live xDS stream before health turns NOT_SERVING",
+        help="seconds without a live xDS stream before health turns NOT_SERVING "
+        f"({STALE_AFTER_RANGE[0]:g}..{STALE_AFTER_RANGE[1]:g}, default %(default)s)",
     )
     p.add_argument(
         "--capture-port",
-        type=int,
         action="append",
         default=None,
         help="outbound capture port (repeatable, default 15001)",
     )
     p.add_argument(
         "--backlog-limit",
-        type=int,
         default=layout.DEFAULT_BACKLOG_LIMIT,
         help="unread bytes a spliced peer may hold before its sender falls back to TCP "
         "(default %(default)s)",
@@ -148,19 +200,31 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str], tty: bool) -> Ag
             f"{grpc_listen} is not loopback; add --grpc-allow-remote to expose the API",
         )
     metrics = parse_listen("--metrics-listen", args.metrics_listen) if args.metrics_listen else None
+    if metrics is not None and not metrics.loopback and not args.metrics_allow_remote:
+        raise ConfigError(
+            "--metrics-listen",
+            f"{metrics} is not loopback; add --metrics-allow-remote to expose metrics",
+        )
+    admin_problem = admin.path_problem(args.admin_socket)
+    if admin_problem:
+        raise ConfigError("--admin-socket", admin_problem)
     try:
         cgroup = args.cgroup or dataplane.cgroup2_root()
     except dataplane.DataplaneError as e:
         raise ConfigError("--cgroup", str(e)) from e
-    if not cgroup.is_dir():
-        raise ConfigError("--cgroup", f"{cgroup} is not a directory")
-    ports = tuple(args.capture_port or layout.DEFAULT_CAPTURE_PORTS)
-    if any(not 0 < p < 65536 for p in ports) or len(ports) > layout.MAX_CAPTURE_PORTS:
-        raise ConfigError("--capture-port", f"invalid ports {list(ports)}")
-    if not 64 * 1024 <= args.backlog_limit < 1 << 32:
+    check_cgroup2("--cgroup", cgroup)
+    ports = tuple(
+        int(parse_number("--capture-port", p, int, 1, 65535))
+        for p in (args.capture_port or layout.DEFAULT_CAPTURE_PORTS)
+    )
+    if len(ports) > layout.MAX_CAPTURE_PORTS:
         raise ConfigError(
-            "--backlog-limit", f"must be 65536..4294967295 bytes, not {args.backlog_limit}"
+            "--capture-port", f"at most {layout.MAX_CAPTURE_PORTS} ports, not {len(ports)}"
         )
+    backlog_limit = int(
+        parse_number("--backlog-limit", args.backlog_limit, int, 64 * 1024, (1 << 32) - 1)
+    )
+    stale_after = parse_number("--xds-stale-after", args.xds_stale_after, float, *STALE_AFTER_RANGE)
     node = args.node_name or env.get("NODE_NAME", "")
     xds = None
     if args.endpoints_file is not None:
@@ -184,9 +248,10 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str], tty: bool) -> Ag
         node_name=node,
         log_format=log_format,
         log_level=args.log_level,
-        xds_stale_after_s=args.xds_stale_after,
-        backlog_limit=args.backlog_limit,
+        xds_stale_after_s=stale_after,
+        backlog_limit=backlog_limit,
         capture_ports=ports,
+        admin_socket=args.admin_socket,
     )
 
 
@@ -194,18 +259,37 @@ def _xds_config(args: argparse.Namespace, env: Mapping[str, str]) -> XdsConfig:
     overrides: dict[str, object] = {"plaintext": bool(args.xds_plaintext)}
     if args.xds_address:
         overrides["address"] = args.xds_address
+    for name, hint in (
+        ("XDS_ROOT_CA", "a certificate file, or SYSTEM for the OS roots"),
+        ("AUTH_TOKEN", f"a token file, or {STATIC_TOKEN_PREFIX}<token>"),
+    ):
+        if name in env and not env[name].strip():
+            raise ConfigError(name, f"is empty; set it to {hint}, or unset it for the default")
     xds = XdsConfig.from_env(env, **overrides)
     parse_listen("XDS_ADDRESS", xds.target)
-    if xds.plaintext:
-        # Local development: send a token only when one is actually there.
-        if xds.token_file and not Path(xds.token_file).is_file():
-            xds = dataclasses.replace(xds, token_file=None)
-        return xds
     root = xds.root_cert
-    if root and root != "SYSTEM" and not Path(root).is_file():
+    if not xds.plaintext and root and root != "SYSTEM" and not Path(root).is_file():
         setting = "XDS_ROOT_CA" if "XDS_ROOT_CA" in env else f"XDS_ROOT_CA (default {root})"
         raise ConfigError(setting, f"root certificate {root} not found")
-    if xds.token is None and xds.token_file and not Path(xds.token_file).is_file():
-        setting = "AUTH_TOKEN" if "AUTH_TOKEN" in env else f"AUTH_TOKEN (default {xds.token_file})"
-        raise ConfigError(setting, f"token file {xds.token_file} not found")
+    explicit = "AUTH_TOKEN" in env
+    setting = "AUTH_TOKEN" if explicit else f"AUTH_TOKEN (default {xds.token_file})"
+    if xds.token is not None:
+        try:
+            check_token(xds.token, "the static token")
+        except ConnectError as e:
+            raise ConfigError("AUTH_TOKEN", str(e)) from None
+    elif xds.token_file:
+        if not Path(xds.token_file).exists():
+            if xds.plaintext and not explicit:
+                # Local development: the default token is sent only when it is there.
+                return dataclasses.replace(xds, token_file=None)
+            raise ConfigError(
+                setting,
+                f"token file {xds.token_file} not found (a static token is written "
+                f"{STATIC_TOKEN_PREFIX}<token>)",
+            )
+        try:
+            read_token(xds.token_file)
+        except ConnectError as e:
+            raise ConfigError(setting, str(e)) from None
     return xds

@@ -10,7 +10,7 @@ import ctypes
 import enum
 import ipaddress
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 MAX_SOCKETS = 65536
 MAX_INDEX = 131072
@@ -28,6 +28,7 @@ class SockState(enum.IntEnum):
     UNPAIRED = 0
     TAINTED = 1
     PAIRED = 2
+    CLAIMED = 3  # an active socket a passive one won, for the instant it writes the pair
 
 
 class Rule(enum.IntEnum):
@@ -39,7 +40,7 @@ class Rule(enum.IntEnum):
 
 class IndexKind(enum.IntEnum):
     NETNS_MIRROR = 1
-    CLIENT_EP = 2
+    HANDSHAKE = 2
     CROSS_MIRROR = 3
 
 
@@ -68,9 +69,14 @@ class Counter(enum.IntEnum):
     NP_TAINTED = 19
     NP_DATA_BEFORE_PAIRING = 20
     NP_MAP_FULL = 21
+    ACK_CALLBACKS = 22
+    NP_TCP_REPAIR = 23
+    NP_PEER_MISSING = 24
+    NP_HANDSHAKE_MISMATCH = 25
+    NP_PEER_TAKEN = 26
 
 
-COUNTER_MAX = 22
+COUNTER_MAX = 27
 
 EP_ENROLLED = 1 << 0
 
@@ -113,6 +119,8 @@ class IndexKey(ctypes.Structure):
         ("local_port", ctypes.c_uint16),
         ("remote_port", ctypes.c_uint16),
         ("kind", ctypes.c_uint32),
+        ("hs_client_nxt", ctypes.c_uint32),
+        ("hs_server_nxt", ctypes.c_uint32),
     ]
 
 
@@ -120,7 +128,7 @@ class IndexValue(ctypes.Structure):
     _fields_ = [
         ("cookie", ctypes.c_uint64),
         ("ambiguous", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
+        ("claims", ctypes.c_uint32),
     ]
 
 
@@ -137,11 +145,13 @@ class SockInfo(ctypes.Structure):
         ("local_port", ctypes.c_uint16),
         ("remote_port", ctypes.c_uint16),
         ("active", ctypes.c_uint8),
-        ("index_owned", ctypes.c_uint8),
+        ("index_claims", ctypes.c_uint8),
         ("reserved", ctypes.c_uint8 * 2),
         ("sk_addr", ctypes.c_uint64),
         ("peer_sk_addr", ctypes.c_uint64),
         ("tainted_ns", ctypes.c_uint64),
+        ("hs_snd_nxt", ctypes.c_uint32),
+        ("hs_rcv_nxt", ctypes.c_uint32),
     ]
 
 

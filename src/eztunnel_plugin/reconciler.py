@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Final, Protocol
 
-from eztunnel_plugin import layout, log
-from eztunnel_plugin.workload_state import Snapshot, canonical_ip
+from eztunnel_plugin import addr, layout, log
+from eztunnel_plugin.workload_state import Snapshot
 
 EZ_EP_ENROLLED: Final = layout.EP_ENROLLED  # bpf/eztunnel.h enum ez_endpoint_flags
 
@@ -52,19 +52,19 @@ class MemorySink:
     """
 
     def __init__(self, initial: Mapping[str, int] | None = None) -> None:
-        self.entries: dict[str, int] = {canonical_ip(k): v for k, v in (initial or {}).items()}
+        self.entries: dict[str, int] = {addr.canonical(k): v for k, v in (initial or {}).items()}
         self.ops: list[tuple[str, str, int]] = []  # ("put"|"delete", ip, flags)
 
     def read_all(self) -> dict[str, int]:
         return dict(self.entries)
 
     def put(self, ip: str, flags: int) -> None:
-        ip = canonical_ip(ip)
+        ip = addr.canonical(ip)
         self.entries[ip] = flags
         self.ops.append(("put", ip, flags))
 
     def delete(self, ip: str) -> None:
-        ip = canonical_ip(ip)
+        ip = addr.canonical(ip)
         self.entries.pop(ip, None)
         self.ops.append(("delete", ip, 0))
 
@@ -113,6 +113,8 @@ class Reconciler:
         self.sink = sink
         self.applied_version = -1  # snapshot version the sink equals; -1: none yet
         self.errors = 0
+        self.refused = 0  # non-enrollable addresses a source handed over (never written)
+        self._refused_seen: set[str] = set()
         self._believed: dict[str, int] | None = None  # None: re-read the sink first
         self._wake = asyncio.Event()
         self._applied = asyncio.Condition()
@@ -122,6 +124,21 @@ class Reconciler:
 
     def _on_change(self, _version: int) -> None:
         self._wake.set()
+
+    def _refused(self, ip: str) -> bool:
+        """Defence in depth: True for an address the map must never get (the sources
+        filter already), logged and counted once per address."""
+        try:
+            reason = addr.refusal(ip)
+        except ValueError:
+            reason = "not an IP address"
+        if reason is None:
+            return False
+        if ip not in self._refused_seen:  # once per address, not per snapshot
+            self._refused_seen.add(ip)
+            self.refused += 1
+            _log.error("reconcile.address_refused", ip=ip[:64], reason=reason)
+        return True
 
     def reconcile(self) -> bool:
         """Bring the sink to the latest snapshot. False: nothing to do (or not complete).
@@ -136,10 +153,14 @@ class Reconciler:
         started = time.perf_counter()
         converging = self._believed is None
         if self._believed is None:
-            self._believed = {canonical_ip(ip): f for ip, f in self.sink.read_all().items()}
+            self._believed = {addr.canonical(ip): f for ip, f in self.sink.read_all().items()}
         current = self._believed
         desired = desired_entries(snap.endpoints)
+        if converging:  # the whole set once; later only what is about to be added
+            for ip in [ip for ip in desired if self._refused(ip)]:
+                del desired[ip]
         reduce, grow = plan(current, desired)
+        grow = [(ip, flags) for ip, flags in grow if not self._refused(ip)]
         try:
             for ip, flags in reduce:
                 if flags:

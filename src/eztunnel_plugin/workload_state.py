@@ -13,15 +13,14 @@ as an index updated with each change, so a snapshot costs O(local endpoints).
 
 from __future__ import annotations
 
-import ipaddress
-import socket
+from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from google.protobuf.message import Message
 
-from eztunnel_plugin import log
+from eztunnel_plugin import addr, log
 from eztunnel_plugin.pb.istio.security import authorization_pb2 as authz_pb
 from eztunnel_plugin.pb.istio.workload import workload_pb2 as wl_pb
 
@@ -37,8 +36,6 @@ SUBSCRIBED_TYPES: Final = (ADDRESS_TYPE, AUTHORIZATION_TYPE)
 # ("istio_allow_waypoint_<ns>_<name>") exceed 253. Longer is a broken or hostile server.
 MAX_NAME_LEN: Final = 253
 MAX_KEY_LEN: Final = 1024
-
-_V4_MAPPED_PREFIX: Final = b"\x00" * 10 + b"\xff\xff"
 
 
 class Rejected(Exception):
@@ -71,22 +68,14 @@ _ACTION_OK: Final = _known(authz_pb.Action)
 
 
 def ip_from_bytes(raw: bytes) -> str:
-    """Canonical text of a raw 4- or 16-byte IP; v4-mapped IPv6 becomes IPv4.
-
-    The BPF map stores IPv4 as v4-mapped IPv6, so both spellings are one key there.
-    """
-    if len(raw) == 4:
-        return socket.inet_ntop(socket.AF_INET, raw)
-    if len(raw) == 16:
-        if raw[:12] == _V4_MAPPED_PREFIX:
-            return socket.inet_ntop(socket.AF_INET, raw[12:])
-        return str(ipaddress.IPv6Address(raw))
-    raise Rejected(f"address has {len(raw)} bytes, want 4 or 16")
+    """Canonical text of a raw 4- or 16-byte IP (addr.from_bytes, as a Rejected)."""
+    try:
+        return addr.from_bytes(raw)
+    except ValueError as e:
+        raise Rejected(str(e)) from None
 
 
-def canonical_ip(text: str) -> str:
-    """Canonical text form of an IP (the form snapshots and the sink use)."""
-    return ip_from_bytes(ipaddress.ip_address(text).packed)
+canonical_ip: Final = addr.canonical  # the form snapshots and the sink use
 
 
 def _check_len(what: str, value: str, limit: int = MAX_NAME_LEN) -> None:
@@ -175,15 +164,21 @@ class AuthorizationRecord:
     version: str = ""
 
 
+def _qualifies(w: WorkloadRecord, node_name: str) -> bool:
+    # HOST_NETWORK workloads share the node's IP: enrolling it would scope in everything
+    # on the host, so they never qualify (ztunnel does not index their IPs either).
+    return w.node == node_name and w.in_mesh and not w.host_network
+
+
 def local_endpoint_ips(w: WorkloadRecord, node_name: str) -> tuple[str, ...]:
     """Addresses of w that belong in this node's endpoint map (none if it doesn't qualify).
 
-    HOST_NETWORK workloads share the node's IP: enrolling it would scope in everything
-    on the host, so they never qualify (ztunnel does not index their IPs either).
+    Only unicast pod addresses: loopback, multicast, link-local and the like never
+    are (addr.refusal), whatever the server sends.
     """
-    if w.node != node_name or not w.in_mesh or w.host_network:
+    if not _qualifies(w, node_name):
         return ()
-    return w.addresses
+    return tuple(ip for ip in w.addresses if addr.refusal(ip) is None)
 
 
 def decode_workload(name: str, w: Any, version: str = "") -> WorkloadRecord:
@@ -341,6 +336,9 @@ class WorkloadState:
         self._ip_owner: dict[tuple[str, str], str] = {}
         # this node's endpoint ip -> uids claiming it (normally one).
         self._local: dict[str, set[str]] = {}
+        # uid -> {ip: reason} of this node's addresses never enrolled (logged once each).
+        self.refused: dict[str, dict[str, str]] = {}
+        self.refused_total = 0  # (workload, address) refusals so far
         self._snapshot: Snapshot | None = None
         self._listeners: list[Listener] = []
 
@@ -416,7 +414,7 @@ class WorkloadState:
         try:
             return cls.FromString(body.value)
         except Exception as e:  # upb raises DecodeError; be safe against anything else
-            raise Rejected(f"cannot decode: {e}") from None
+            raise Rejected(f"cannot decode: {str(e)[:MAX_NAME_LEN]}") from None
 
     def _candidates(
         self,
@@ -432,13 +430,15 @@ class WorkloadState:
                 if not name:
                     raise Rejected("resource has no name")
                 _check_len("resource name", name, MAX_KEY_LEN)
+                # the version is held and may be sent back (send_versions): bounded
+                _check_len("resource version", res.version, MAX_KEY_LEN)
                 if name in out:
                     raise Rejected("resource appears twice in one response")
                 out[name] = decode(res)
             except Rejected as e:
                 result.rejected.append((name[:MAX_KEY_LEN], str(e)))
             except Exception as e:  # a validator bug must cost one resource, not the agent
-                _log.error("xds.validate_failed", type_url=type_url, error=repr(e))
+                _log.error("xds.validate_failed", type_url=type_url, error=repr(e)[:MAX_KEY_LEN])
                 result.rejected.append((name[:MAX_KEY_LEN], f"internal error: {type(e).__name__}"))
         return out
 
@@ -461,6 +461,7 @@ class WorkloadState:
             result.rejected.append((name, reason))
 
         for name in removed:
+            self.refused.pop(name, None)
             if self._drop_workload(name) or self.services.pop(name, None) is not None:
                 result.removed += 1
         for name, rec in cands.items():
@@ -469,6 +470,7 @@ class WorkloadState:
                 self._drop_workload(name)
                 self._put_workload(rec)
             else:
+                self.refused.pop(name, None)
                 self._drop_workload(name)
                 self.services[name] = rec
             result.updated += 1
@@ -478,43 +480,73 @@ class WorkloadState:
 
         Existing holders win over newcomers, earlier candidates over later ones. A
         rejected candidate keeps its previous version, whose addresses may in turn
-        conflict with a candidate accepted earlier in the pass, hence the repeat
-        (each pass rejects at least one more candidate, so it ends).
+        conflict with a candidate accepted earlier: those are rejected too, and so on.
+        Linear in the addresses involved: one pass over the candidates, then every
+        rejection un-frees its old addresses once, found through an index by address.
         """
+
+        def keys(w: WorkloadRecord) -> list[tuple[str, str]]:
+            return [] if w.host_network else [(w.network, ip) for ip in w.addresses]
+
+        # Addresses released by this response, if every candidate is accepted.
+        freed: set[tuple[str, str]] = set()
+        for n in removed | cands.keys():
+            old = self.workloads.get(n)
+            if old is not None:
+                freed.update(keys(old))
+        claimed: dict[tuple[str, str], str] = {}  # address -> accepted candidate
         rejected: dict[str, str] = {}
-        claims = {
-            n: c for n, c in cands.items() if isinstance(c, WorkloadRecord) and not c.host_network
-        }
-        while True:
-            overlay: dict[tuple[str, str], str | None] = {}
-            for n in removed | (cands.keys() - rejected.keys()):
-                old = self.workloads.get(n)
-                if old is not None and not old.host_network:
-                    for ip in old.addresses:
-                        overlay[(old.network, ip)] = None
-            clash: dict[str, str] = {}
-            for n, c in claims.items():
-                keys = [(c.network, ip) for ip in c.addresses]
-                for k in keys:
-                    holder = overlay[k] if k in overlay else self._ip_owner.get(k)
-                    if holder is not None and holder != n:
-                        clash[n] = f"duplicate address {k[1]}: already held by {holder}"
-                        break
-                else:
-                    overlay.update(dict.fromkeys(keys, n))
-            if not clash:
-                return rejected
-            rejected.update(clash)
-            for n in clash:
-                del claims[n]
+        for n, c in cands.items():
+            if not isinstance(c, WorkloadRecord):
+                continue
+            ks = keys(c)
+            for k in ks:
+                holder = claimed.get(k)
+                if holder is None and k not in freed:
+                    holder = self._ip_owner.get(k)
+                if holder is not None and holder != n:
+                    rejected[n] = f"duplicate address {k[1]}: already held by {holder}"
+                    break
+            else:
+                claimed.update(dict.fromkeys(ks, n))
+        # A rejected candidate keeps its old addresses: whoever claimed one loses it.
+        queue = deque(rejected)
+        while queue:
+            r = queue.popleft()
+            old = self.workloads.get(r)
+            if old is None:
+                continue
+            for k in keys(old):
+                c = claimed.get(k)
+                if c is not None and c != r and c not in rejected:
+                    rejected[c] = f"duplicate address {k[1]}: already held by {r}"
+                    queue.append(c)
+        return rejected
 
     def _put_workload(self, w: WorkloadRecord) -> None:
         self.workloads[w.uid] = w
         if not w.host_network:
             for ip in w.addresses:
                 self._ip_owner[(w.network, ip)] = w.uid
-        for ip in local_endpoint_ips(w, self.node_name):
-            self._local.setdefault(ip, set()).add(w.uid)
+        if not _qualifies(w, self.node_name):
+            self.refused.pop(w.uid, None)
+            return
+        refused: dict[str, str] = {}
+        for ip in w.addresses:
+            reason = addr.refusal(ip)
+            if reason is None:
+                self._local.setdefault(ip, set()).add(w.uid)
+            else:
+                refused[ip] = reason
+        before = self.refused.get(w.uid, {})
+        for ip, reason in refused.items():
+            if ip not in before:  # once per workload and address, not per push
+                self.refused_total += 1
+                _log.warning("xds.address_refused", uid=w.uid, ip=ip, reason=reason)
+        if refused:
+            self.refused[w.uid] = refused
+        else:
+            self.refused.pop(w.uid, None)
 
     def _drop_workload(self, uid: str) -> bool:
         w = self.workloads.pop(uid, None)
@@ -525,12 +557,13 @@ class WorkloadState:
                 key = (w.network, ip)
                 if self._ip_owner.get(key) == uid:
                     del self._ip_owner[key]
-        for ip in local_endpoint_ips(w, self.node_name):
-            owners = self._local.get(ip)
-            if owners is not None:
-                owners.discard(uid)
-                if not owners:
-                    del self._local[ip]
+        if _qualifies(w, self.node_name):
+            for ip in w.addresses:  # refused ones are simply not in the index
+                owners = self._local.get(ip)
+                if owners is not None:
+                    owners.discard(uid)
+                    if not owners:
+                        del self._local[ip]
         return True
 
     def _apply_authorizations(

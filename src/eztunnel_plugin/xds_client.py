@@ -39,6 +39,39 @@ DEFAULT_ROOT_CERT: Final = "/var/run/secrets/istio/root-cert.pem"
 DEFAULT_TOKEN_FILE: Final = "/var/run/secrets/tokens/istio-token"
 MAX_RECEIVE_BYTES: Final = 200 * 1024 * 1024  # ztunnel's limit; istiod pushes can be huge
 MAX_NACK_DETAIL: Final = 4096
+# Strings from the server that we echo or log are bounded: istiod's nonces are UUIDs
+# and type URLs short, so anything near these limits is a broken or hostile server.
+MAX_NONCE: Final = 1024
+MAX_TYPE_URL: Final = 1024
+MAX_SERVER_TEXT: Final = 512  # error details and the like, in logs and the status API
+MAX_TOKEN_BYTES: Final = 64 * 1024
+STATIC_TOKEN_PREFIX: Final = "static:"  # AUTH_TOKEN=static:<token>; anything else is a file
+
+
+def bounded(text: str, limit: int = MAX_SERVER_TEXT) -> str:
+    """text cut to limit characters, saying so."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def check_token(token: str, what: str) -> str:
+    """token if it can go in an authorization header; else ConnectError naming what."""
+    if not token:
+        raise ConnectError(f"{what} is empty")
+    if not all(0x21 <= ord(c) <= 0x7E for c in token):
+        raise ConnectError(f"{what} holds characters a header cannot carry")
+    return token
+
+
+def read_token(path: str) -> str:
+    """The bearer token in path (surrounding whitespace dropped); ConnectError if unusable."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TOKEN_BYTES + 1)
+    except OSError as e:
+        raise ConnectError(f"cannot read token file {path}: {e.strerror}") from None
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise ConnectError(f"token file {path} is larger than {MAX_TOKEN_BYTES} bytes")
+    return check_token(raw.decode("latin-1").strip(), f"token file {path}")
 
 
 def node_id(instance_ip: str, pod_name: str, pod_namespace: str) -> str:
@@ -113,11 +146,12 @@ class XdsConfig:
         if "ALT_XDS_HOSTNAME" in env:
             kw["server_name"] = env["ALT_XDS_HOSTNAME"]
         auth = env.get("AUTH_TOKEN")
-        if auth:  # a file path, or else a static token (ztunnel's rule)
-            if Path(auth).exists():
-                kw["token_file"] = auth
-            else:
-                kw["token_file"], kw["token"] = None, auth
+        # A file path, or static:<token>. ztunnel takes any path that does not exist
+        # for a static token, so a typo there sends the path itself as the token.
+        if auth and auth.startswith(STATIC_TOKEN_PREFIX):
+            kw["token_file"], kw["token"] = None, auth[len(STATIC_TOKEN_PREFIX) :]
+        elif auth:
+            kw["token_file"] = auth
         kw.update(overrides)
         return cls(**kw)
 
@@ -153,12 +187,17 @@ class ConnectError(Exception):
     """Could not bring the channel up (refused, TLS failure, timeout, no token)."""
 
 
+class ProtocolError(Exception):
+    """The server broke the protocol (an oversize nonce, ...): drop the stream, back off."""
+
+
 @dataclass
 class XdsStats:
     connected: bool = False  # a stream is up and has delivered a response
     acked_nonce: dict[str, str] = field(default_factory=dict)  # type -> last ACKed nonce
     streams: int = 0
     responses: int = 0
+    protocol_errors: int = 0
     acks: int = 0
     nacks: int = 0
     stale_dropped: int = 0
@@ -172,13 +211,22 @@ def _nack_detail(rejected: Sequence[tuple[str, str]]) -> str:
     parts: list[str] = []
     size = 0
     for i, (name, reason) in enumerate(rejected):
-        part = f"{name}: {reason}"
+        part = bounded(f"{name}: {reason}", MAX_NACK_DETAIL // 2)
         if size + len(part) > MAX_NACK_DETAIL:
             parts.append(f"... and {len(rejected) - i} more")
             break
         parts.append(part)
         size += len(part) + 2
     return "; ".join(parts)
+
+
+def _protocol_problem(resp: Any) -> str:
+    """Why a response must not be handled at all ("" if it may). Never echoes it whole."""
+    if len(resp.nonce) > MAX_NONCE:
+        return f"nonce of {len(resp.nonce)} characters (limit {MAX_NONCE}): {resp.nonce[:64]!r}..."
+    if len(resp.type_url) > MAX_TYPE_URL:
+        return f"type_url of {len(resp.type_url)} characters (limit {MAX_TYPE_URL})"
+    return ""
 
 
 EventHook = Callable[[str, dict[str, object]], None]
@@ -221,6 +269,8 @@ class XdsClient:
         ]
         if c.plaintext:
             return grpc.aio.insecure_channel(c.target, options=options)
+        if c.root_cert == "":
+            raise ConnectError("root cert is empty: give a file, or SYSTEM for the OS roots")
         # Re-read on every connect: the istio-ca-root-cert ConfigMap can rotate.
         path = c.root_cert if c.root_cert and c.root_cert != "SYSTEM" else _system_roots()
         roots = None
@@ -237,12 +287,11 @@ class XdsClient:
         c = self.config
         token = c.token
         if c.token_file:
-            try:
-                token = Path(c.token_file).read_text().strip()
-            except OSError as e:
-                raise ConnectError(f"cannot read token file {c.token_file}: {e.strerror}") from None
+            token = read_token(c.token_file)  # an empty file is an error, never an empty header
+        elif token is not None:
+            check_token(token, "the static token")
         md = [("clusterid", c.cluster_id)]
-        if token:
+        if token is not None:
             md.insert(0, ("authorization", f"Bearer {token}"))
         md.extend(c.headers)
         return md
@@ -293,6 +342,11 @@ class XdsClient:
                 resp = await call.read()
                 if resp is grpc.aio.EOF:
                     return True
+                problem = _protocol_problem(resp)
+                if problem:
+                    self.stats.protocol_errors += 1
+                    _log.warning("xds.protocol_error", problem=problem)
+                    raise ProtocolError(problem)
                 self.stats.last_response_at = time.perf_counter()
                 if first:
                     first = False
@@ -308,7 +362,10 @@ class XdsClient:
             await channel.close()
 
     def _handle(self, resp: Any, sent: dict[str, dict[str, str]]) -> Any:
-        """Apply one response; return its ACK or NACK."""
+        """Apply one response; return its ACK or NACK.
+
+        run_stream has checked the lengths of the nonce and type_url (_protocol_problem).
+        """
         self.stats.responses += 1
         type_url = resp.type_url
         reply = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, response_nonce=resp.nonce)
@@ -364,20 +421,29 @@ class XdsClient:
         """Keep a stream up until cancelled: fast retry after a healthy stream or a
         GOAWAY-style close, exponential backoff with jitter otherwise."""
         c = self.config
+        if c.plaintext and (c.token is not None or c.token_file):
+            _log.warning(
+                "xds.token_in_cleartext",
+                note="--xds-plaintext: the bearer token goes to istiod unencrypted",
+                target=c.target,
+            )
         failures = 0
         fast_budget = 3
         while True:
             started = time.monotonic()
             responses_before = self.stats.responses
-            normal = False
+            normal = broken = False
             try:
                 normal = await self.run_stream()
                 self.stats.last_error = "server closed the stream"
             except ConnectError as e:
-                self.stats.last_error = str(e)
+                self.stats.last_error = bounded(str(e))
+            except ProtocolError as e:
+                self.stats.last_error = bounded(f"protocol error: {e}")
+                broken = True  # however long the stream lived: back off
             except grpc.aio.AioRpcError as e:
                 code = e.code()
-                self.stats.last_error = f"{code.name}: {e.details()}"
+                self.stats.last_error = bounded(f"{code.name}: {e.details()}")
                 normal = code in (
                     grpc.StatusCode.UNAVAILABLE,
                     grpc.StatusCode.CANCELLED,
@@ -385,10 +451,11 @@ class XdsClient:
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                 )
             except Exception as e:  # never let a bug end the feed; back off and retry
-                self.stats.last_error = f"internal error: {e!r}"
+                self.stats.last_error = bounded(f"internal error: {e!r}")
                 _log.exception("xds.stream_failed")
             healthy = (
-                self.stats.responses > responses_before
+                not broken
+                and self.stats.responses > responses_before
                 and time.monotonic() - started >= c.healthy_stream_s
             )
             if healthy:

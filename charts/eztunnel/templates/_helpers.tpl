@@ -80,9 +80,17 @@ istiod{{ with .Values.revision }}-{{ . }}{{ end }}.{{ .Values.istioNamespace }}.
 {{- end -}}
 {{- end }}
 
-{{/* Pin directory inside the container (the bpffs hostPath is always mounted at /sys/fs/bpf). */}}
+{{/*
+Pin directory inside the container. Not below /sys: the runtimes' default AppArmor profiles deny
+writes under /sys/fs/ (except cgroup), and pinning is a write.
+*/}}
 {{- define "eztunnel.pinDir" -}}
-/sys/fs/bpf/{{ .Values.bpffs.pinDir }}
+/host/sys/fs/bpf/{{ .Values.bpffs.pinDir }}
+{{- end }}
+
+{{/* The admin socket's directory, mounted from the node at the same path. */}}
+{{- define "eztunnel.adminSocketDir" -}}
+{{ dir .Values.adminSocket }}
 {{- end }}
 
 {{/* Where the host's cgroup v2 mount appears inside the agent container. */}}
@@ -142,6 +150,11 @@ securityContext:
   seLinuxOptions:
     {{- toYaml . | nindent 4 }}
 {{- end }}
+  seccompProfile:
+    type: {{ .Values.seccompProfile.type }}
+    {{- if eq .Values.seccompProfile.type "Localhost" }}
+    localhostProfile: {{ .Values.seccompProfile.localhostProfile | quote }}
+    {{- end }}
 {{- if and .Values.appArmorProfile (semverCompare ">=1.30-0" .Capabilities.KubeVersion.GitVersion) }}
   appArmorProfile:
     type: {{ .Values.appArmorProfile }}
@@ -182,18 +195,39 @@ priorityClassName: {{ . }}
 {{- end }}
 {{- end }}
 
-{{/* bpffs volume and mount (Bidirectional only when privileged: Kubernetes allows it nowhere else). */}}
+{{/*
+bpffs volume and mount. Unprivileged: only the pin directory (kubelet creates it on the node's
+bpffs; on a node without bpffs the mkdir fails and the pod reports it). Privileged: the whole
+bpffs root with Bidirectional propagation (Kubernetes allows it nowhere else), so the init
+container can mount bpffs on the node first.
+*/}}
 {{- define "eztunnel.bpffsVolume" -}}
 - name: bpffs
   hostPath:
+{{- if .Values.privileged }}
     path: {{ .Values.bpffs.hostPath }}
     type: Directory
+{{- else }}
+    path: {{ printf "%s/%s" (trimSuffix "/" .Values.bpffs.hostPath) .Values.bpffs.pinDir }}
+    type: DirectoryOrCreate
+{{- end }}
 {{- end }}
 
 {{- define "eztunnel.bpffsMount" -}}
 - name: bpffs
-  mountPath: /sys/fs/bpf
-  mountPropagation: {{ .Values.privileged | ternary "Bidirectional" "HostToContainer" }}
+{{- if .Values.privileged }}
+  mountPath: /host/sys/fs/bpf
+  mountPropagation: Bidirectional
+{{- else }}
+  mountPath: {{ include "eztunnel.pinDir" . }}
+{{- end }}
+{{- end }}
+
+{{/* Pod-level securityContext of every pod of the chart: containers without their own profile. */}}
+{{- define "eztunnel.podSecurityContext" -}}
+securityContext:
+  seccompProfile:
+    type: RuntimeDefault
 {{- end }}
 
 {{/* privileged=true only: mount bpffs on the host when it is missing. */}}
@@ -204,11 +238,14 @@ priorityClassName: {{ . }}
   command:
     - sh
     - -c
-    - '[ "$(stat -f -c %T /sys/fs/bpf)" = bpf_fs ] || mount -t bpf bpf /sys/fs/bpf'
+    - '[ "$(stat -f -c %T /host/sys/fs/bpf)" = bpf_fs ] || mount -t bpf bpf /host/sys/fs/bpf'
   securityContext:
     privileged: true
     readOnlyRootFilesystem: true
     runAsUser: 0
+    # Ignored by the runtimes for privileged containers; stated so no container lacks one.
+    seccompProfile:
+      type: RuntimeDefault
   volumeMounts:
     {{- include "eztunnel.bpffsMount" . | nindent 4 }}
 {{- end }}
@@ -272,6 +309,7 @@ spec:
       # The waiter reads the Kubernetes API with this token (see the hook Role).
       automountServiceAccountToken: true
       restartPolicy: Never
+      {{- include "eztunnel.podSecurityContext" $ | nindent 6 }}
       nodeSelector:
         kubernetes.io/os: linux
       {{- with (include "eztunnel.imagePullSecrets" $) }}

@@ -6,8 +6,8 @@ it sends `s2c` bytes of its own stream, then a trailer with the SHA-256 of what
 it received and of what it sent, then closes. The client checks both digests,
 that EOF came exactly where expected, and that nothing stalled past a deadline.
 
-    python -m eztunnel_plugin.flowcheck server --bind 0.0.0.0 --port 9000
-    python -m eztunnel_plugin.flowcheck client --connect 10.0.0.11 --port 9000 --conns 64
+    python -m eztunnel_lab.traffic.flowcheck server --bind 0.0.0.0 --port 9000
+    python -m eztunnel_lab.traffic.flowcheck client --connect 10.0.0.11 --port 9000 --conns 64
 """
 
 from __future__ import annotations

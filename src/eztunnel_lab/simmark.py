@@ -18,7 +18,7 @@ PROG_NAME = "ez_simmark"
 
 
 def object_path() -> Path:
-    path = Path(str(resources.files("eztunnel_plugin") / "data" / "simmark.bpf.o"))
+    path = Path(str(resources.files("eztunnel_lab") / "data" / "simmark.bpf.o"))
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `make build`")
     return path

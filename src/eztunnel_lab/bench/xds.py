@@ -4,7 +4,7 @@ Runs FakeIstiod in-process on 127.0.0.1 and the real client, state and reconcile
 against it. Pass a sink factory to measure the real BPF endpoint map instead of the
 in-memory one. Timings are wall clock on this machine; nothing here asserts on them.
 
-    python -m eztunnel_plugin.bench_xds [--workloads 10000] [--local 1000] [--changes 200]
+    python -m eztunnel_lab.bench.xds [--workloads 10000] [--local 1000] [--changes 200]
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from eztunnel_plugin import log
+from eztunnel_lab.bench.metric import Metric
+from eztunnel_lab.fake_istiod import FakeIstiod, authorization_resource, workload_resource
+from eztunnel_lab.netlab import Lab  # a private cgroup and bpffs dir for the agent
+from eztunnel_plugin import dataplane, log
 from eztunnel_plugin.aio import cancel_all
-from eztunnel_plugin.fake_istiod import FakeIstiod, authorization_resource, workload_resource
 from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2
 from eztunnel_plugin.pb.istio.security import authorization_pb2 as authz_pb
 from eztunnel_plugin.pb.istio.workload import workload_pb2 as wl_pb
@@ -206,8 +208,6 @@ async def bench_pipeline(
 
 async def bench_agent_rss(n: int = 10_000, local: int = 1_000) -> dict[str, float]:
     """RSS of the real agent (`eztunnel-plugin run`: BPF, xDS, API) once it is ready."""
-    from eztunnel_plugin.netlab import Lab  # the lab gives a private cgroup and bpffs dir
-
     fake = FakeIstiod(build_resources(n, local))
     await fake.start("127.0.0.1:0")
     try:
@@ -267,6 +267,30 @@ def run(
     for key, value in results.items():
         print(f"  {key:40s} {value:10.2f}")
     return results
+
+
+def section(args: argparse.Namespace) -> list[Metric]:
+    """10,000 workloads (1,000 on this node) from the fake istiod into the real BPF map."""
+    with Lab() as lab, dataplane.Dataplane.install_or_reuse(lab.bpffs, lab.cgroup) as dp:
+        got = run(sink_factory=lambda: dp.endpoints, rss=False)
+    rss = asyncio.run(bench_agent_rss())
+    print(f"  agent RSS with 10,000 workloads: {rss['agent_rss_mb']:.1f} MB "
+          f"(peak {rss['agent_peak_rss_mb']:.1f} MB)", flush=True)  # fmt: skip
+
+    def absolute(name: str, unit: str, target: str, value: float, note: str = "") -> Metric:
+        return Metric(name, unit, target, plugin=[value], absolute=True, note=note)
+
+    return [
+        absolute("xds_decode_10k_resources", "ms", "< 50", got["decode_ms_median"]),
+        absolute("xds_first_snapshot_to_bpf_map", "ms", "< 1000",
+                 got["first_snapshot_received_to_sink_ms"],
+                 "first 10,000-workload response received -> 1,000 entries in the BPF map"),
+        absolute("xds_change_to_bpf_map_p99", "ms", "< 10", got["change_to_sink_p99_ms"],
+                 "one workload's IP changes at istiod -> visible in the BPF map"),
+        absolute("agent_rss_10k_workloads", "MB", "< 60", rss["agent_rss_mb"],
+                 f"the real agent (BPF, xDS, API) after its first snapshot; peak "
+                 f"{rss['agent_peak_rss_mb']:.1f} MB"),
+    ]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

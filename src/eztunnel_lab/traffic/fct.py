@@ -1,7 +1,7 @@
 """Flow completion time of short flows: connect, ask for N bytes, read to EOF, close.
 
-    python -m eztunnel_plugin.fct server --port 9100
-    python -m eztunnel_plugin.fct client --connect 10.240.0.12 --port 9100 \\
+    python -m eztunnel_lab.traffic.fct server --port 9100
+    python -m eztunnel_lab.traffic.fct client --connect 10.240.0.12 --port 9100 \\
         --sizes 1024,10240 --count 100
 
 The client times each flow from before connect() to the server's EOF (the server

@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # before pyplot: no display, works without a terminal
 
 import matplotlib.pyplot as plt
 
-from eztunnel_plugin.bench import Metric
+from eztunnel_lab.bench.metric import Metric
 
 COLORS = {"baseline": "#8c8c8c", "plugin": "#2a7ab0"}
 

@@ -1,4 +1,4 @@
-"""`eztunnel-plugin demo` (`make demo`): a simulated ambient node, before and after the agent.
+"""`eztunnel-lab demo` (`make demo`): a simulated ambient node, before and after the agent.
 
 Builds a two-pod ambient node (sim.py), measures it as plain ambient, starts the
 agent against the simulated istiod exactly as in production, shows what the agent
@@ -15,9 +15,9 @@ import sys
 import textwrap
 import time
 
-from eztunnel_plugin import bench_ambient as ba
-from eztunnel_plugin import log
-from eztunnel_plugin.sim import AGENT_API, PY, AmbientNode, SimError, describe
+from eztunnel_lab import measure as ms
+from eztunnel_lab.sim import AGENT_API, FLOWCHECK_PORT, AmbientNode, SimError, describe
+from eztunnel_plugin import client, log
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,72 +51,41 @@ def show(node: AmbientNode, command: str, *extra: str) -> str:
 def integrity(node: AmbientNode) -> str:
     """16 connections, 1 B..1 MB each way, SHA-256 checked at both ends."""
     cli, srv = node.pods[0], node.pods[1]
-    proc = node.spawn(
-        cli,
-        [
-            PY,
-            "-m",
-            "eztunnel_plugin.flowcheck",
-            "client",
-            "--connect",
-            srv.ip,
-            "--port",
-            "9000",
-            "--conns",
-            "16",
-            "--timeout",
-            "60",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    out, err = proc.communicate(timeout=90)
-    if proc.returncode != 0:
-        raise SimError(f"data check failed: {out.decode()[-500:]} {err.decode()[-500:]}")
+    args = ("--conns", "16", "--timeout", "60")
+    result = node.run_client("flowcheck", cli, srv, FLOWCHECK_PORT, *args)
+    if not result["ok"]:
+        raise SimError(f"data check failed: {str(result)[-1000:]}")
     return "intact (16 flows, SHA-256)"
 
 
-def measure(side: ba.Side, seconds: int) -> dict[str, str | float]:
+def measure(side: ms.Side, seconds: int) -> dict[str, str | float]:
     node = side.node
-    pin = ba.proven(side, 1, lambda: ba.latency(node, True, seconds))
-    unpin = ba.proven(side, 1, lambda: ba.latency(node, False, seconds))
-    flows = ba.proven(side, 10, lambda: ba.fct(node, 200, seconds / 2, (102400, 1 << 20)))
-    cpu, paced = ba.proven(side, 2, lambda: ba.paced_cpu(node, seconds))
+    pin = ms.proven(side, 1, lambda: ms.latency(node, True, seconds))
+    unpin = ms.proven(side, 1, lambda: ms.latency(node, False, seconds))
+    flows = ms.proven(side, 10, lambda: ms.fct(node, 200, seconds / 2, (102400, 1 << 20)))
+    cpu, paced = ms.proven(side, 2, lambda: ms.paced_cpu(node, seconds))
     if paced.error:
         raise SimError(f"paced flow failed: {paced.error}")
-    data = ba.proven(side, 16, lambda: integrity(node))
+    data = ms.proven(side, 16, lambda: integrity(node))
     return {
         "latency p50, path pinned to 1 CPU (us)": pin["p50"],
         "latency p50, unpinned (us)": unpin["p50"],
         "100 KB flow completion p50 (ms)": flows["102400"]["p50_us"] / 1000,
         "1 MB flow completion p50 (ms)": flows[str(1 << 20)]["p50_us"] / 1000,
-        f"node CPU per GB at {ba.CPU_RATE}bit/s (CPU s)": cpu / (paced.bytes / 1e9),
+        f"node CPU per GB at {ms.CPU_RATE}bit/s (CPU s)": cpu / (paced.bytes / 1e9),
         "data through every hop": data,
     }
 
 
 def table(before: dict[str, str | float], after: dict[str, str | float]) -> str:
-    rows = [("", "ambient", "+ eztunnel-plugin", "after/before")]
+    rows: list[tuple[str, str, str, str]] = []
     for key, b in before.items():
         a = after[key]
         if isinstance(a, float) and isinstance(b, float):
             rows.append((key, f"{b:.3g}", f"{a:.3g}", f"{a / b:.2f}x"))
         else:
             rows.append((key, str(b), str(a), ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def leftovers(node: AmbientNode) -> list[str]:
-    tag = node.lab.tag
-    names = subprocess.run(
-        ["ip", "netns", "list"], capture_output=True, text=True, check=False
-    ).stdout
-    left = [line.split()[0] for line in names.splitlines() if tag in line]
-    left += [str(p) for p in (node.lab.cgroup, node.lab.bpffs, node.workdir) if p.exists()]
-    return left
+    return client.table(("", "ambient", "+ eztunnel-plugin", "after/before"), rows)
 
 
 def run(seconds: int) -> int:
@@ -133,18 +102,9 @@ def run(seconds: int) -> int:
                 this node.""",
             )
             print(describe(node), flush=True)
-            ba.start_servers(node)
+            ms.start_servers(node)
             srv = node.pods[1]
-            node.spawn(
-                srv,
-                [PY, "-m", "eztunnel_plugin.flowcheck", "server", "--port", "9000"],
-                stdout=subprocess.DEVNULL,
-            )
-            node.wait_until(
-                lambda: ":9000 " in node.lab.exec(srv.netns, "ss", "-ltnH").stdout,
-                15,
-                "the data-check server",
-            )
+            node.flowcheck_server(srv)
             say(
                 "2. Before: plain ambient",
                 f"""client -> server traffic: every connection
@@ -153,7 +113,7 @@ def run(seconds: int) -> int:
                 HAProxy's connection counters, so it really went through the stand-in.
                 ({seconds} s per measurement)""",
             )
-            before = measure(ba.Side("baseline", node), seconds)
+            before = measure(ms.Side("baseline", node), seconds)
             print("done: " + ", ".join(f"{k} {_v(v)}" for k, v in before.items()), flush=True)
 
             say(
@@ -175,12 +135,8 @@ def run(seconds: int) -> int:
                 leg, `cross_mirror`), and ztunnel <-> app in the server pod
                 (`netns_mirror`). iperf3 opens a control and a data connection: 6 pairs.""",
             )
-            cli = node.pods[0]
-            flow = node.spawn(
-                cli,
-                ["iperf3", "-c", srv.ip, "-p", str(ba.IPERF_PORT), "-t", "4", "-b", "500M"],
-                stdout=subprocess.DEVNULL,
-            )
+            live = ms.iperf3_argv(srv.ip, ms.IPERF_PORT, 4, rate="500M")
+            flow = node.spawn(node.pods[0], live, stdout=subprocess.DEVNULL)
             time.sleep(1.5)
             show(node, "flows")
             if flow.wait(timeout=30) != 0:
@@ -193,7 +149,7 @@ def run(seconds: int) -> int:
                 spliced: bytes go socket to socket inside the kernel. HAProxy still
                 terminates and re-encrypts TLS and still counts every connection.""",
             )
-            after = measure(ba.Side("plugin", node), seconds)
+            after = measure(ms.Side("plugin", node), seconds)
             say("6. Before / after")
             print(table(before, after), flush=True)
             para("""Latency gains are largest with the path pinned to
@@ -210,7 +166,7 @@ def run(seconds: int) -> int:
     except SimError as e:
         print(f"\ndemo failed: {e}", file=sys.stderr, flush=True)
         return 1
-    left = leftovers(node)
+    left = node.leftovers()
     if left:
         print(f"left behind: {left}", file=sys.stderr)
         return 1
@@ -224,7 +180,7 @@ def _v(value: str | float) -> str:
 
 def main(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
-        print("eztunnel-plugin demo: needs root (namespaces, cgroups, BPF)", file=sys.stderr)
+        print("eztunnel-lab demo: needs root (namespaces, cgroups, BPF)", file=sys.stderr)
         return 2
     log.configure("console", "warning")
     seconds = int(getattr(args, "seconds", 2))

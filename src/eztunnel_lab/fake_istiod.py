@@ -194,7 +194,7 @@ class _Stream:
     last_nonce: dict[str, str] = field(default_factory=dict)
 
 
-class FakeIstiod(discovery_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+class FakeIstiod(discovery_pb2_grpc.AggregatedDiscoveryServiceServicer):
     """In-process delta-ADS server. start() it, then drive it."""
 
     def __init__(
@@ -375,7 +375,11 @@ class FakeIstiod(discovery_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type
         st.held[t] = {n: r.version for n, r in current.items()}
         self._send(st, t, send, removed)
 
-    async def DeltaAggregatedResources(self, request_iterator: Any, context: Any) -> None:
+    # A coroutine that answers through context.write() (grpc.aio accepts that for a
+    # stream) rather than the async generator the stub declares.
+    async def DeltaAggregatedResources(  # type: ignore[override]
+        self, request_iterator: Any, context: Any
+    ) -> None:
         md = {
             k: (v if isinstance(v, str) else v.decode()) for k, v in context.invocation_metadata()
         }

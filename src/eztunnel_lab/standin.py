@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from eztunnel_plugin import inpod
+from eztunnel_lab import inpod
 
 THREADS = 2  # ztunnel's default worker threads
 

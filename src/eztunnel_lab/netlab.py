@@ -15,7 +15,7 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -31,6 +31,47 @@ def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
+
+
+def listening(netns: str, ports: Iterable[int]) -> bool:
+    """Whether the netns has a TCP listener on every port (on any address)."""
+    out = run("ip", "netns", "exec", netns, "ss", "-ltnH").stdout
+    # ss -ltnH: state, recv-q, send-q, local address:port, peer address:port
+    bound = {line.split()[3].rpartition(":")[2] for line in out.splitlines() if line.strip()}
+    return all(str(port) in bound for port in ports)
+
+
+class WaitError(RuntimeError):
+    """What wait_until waited for did not happen."""
+
+
+def wait_until(
+    cond: Callable[[], bool],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Poll cond (bounded in time); fail early if proc (the process it waits on) exits."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            raise WaitError(f"{what}: process exited ({proc.returncode})")
+        if time.monotonic() > deadline:
+            raise WaitError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def wait_listening(
+    netns: str,
+    ports: Iterable[int],
+    timeout: float = 10.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    what: str = "",
+) -> None:
+    """Wait until every port listens in the netns (see wait_until)."""
+    want = list(ports)
+    what = what or f"a listener on port(s) {want} in {netns}"
+    wait_until(lambda: listening(netns, want), timeout, what, proc)
 
 
 def ensure_bpffs() -> None:

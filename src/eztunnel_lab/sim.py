@@ -1,7 +1,7 @@
 """A simulated Istio ambient node: pods, istio-cni's in-pod rules, a ztunnel stand-in,
 istiod, and (optionally) the agent, all inside namespaces and cgroups it creates.
 
-    eztunnel-plugin sim --pods 2 --check     # build, send traffic through it, report, remove
+    eztunnel-lab sim --pods 2 --check        # build, send traffic through it, report, remove
 
 Layout (everything carries the lab's tag and is removed by close(), even on failure):
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -29,19 +28,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from eztunnel_plugin import dataplane, inpod, simmark, simpki, standin
-from eztunnel_plugin.netlab import Lab, Managed, Pod
+from eztunnel_lab import counters, inpod, netlab, simmark, simpki, standin, traffic
+from eztunnel_lab.netlab import Lab, Managed, Pod
+from eztunnel_plugin import dataplane
 
 PY = sys.executable
 AGENT_API = "127.0.0.1:15081"
 ISTIOD_ADDR = "127.0.0.1:15010"
 NAMESPACE = "default"
+FLOWCHECK_PORT = 9000  # the integrity server of self_check and the demo
+STANDIN_PORTS = (inpod.OUTBOUND_PORT, inpod.INBOUND_PLAINTEXT_PORT, inpod.INBOUND_PORT)
 
 
 class SimError(RuntimeError):
@@ -151,21 +154,14 @@ class AmbientNode(Managed):
         )
         log.close()
         self.wait_until(
-            lambda: self.stats_socket.exists() and self._listening(),
+            lambda: (
+                self.stats_socket.exists()
+                and all(netlab.listening(p.netns, STANDIN_PORTS) for p in self.pods)
+            ),
             15,
             "the stand-in's listeners",
             self.haproxy,
         )
-
-    def _listening(self) -> bool:
-        want = {
-            f":{p}" for p in (inpod.OUTBOUND_PORT, inpod.INBOUND_PLAINTEXT_PORT, inpod.INBOUND_PORT)
-        }
-        for pod in self.pods:
-            out = self.lab.exec(pod.netns, "ss", "-ltnH").stdout
-            if not all(f"{w} " in out for w in want):
-                return False
-        return True
 
     def standin_stats(self) -> dict[str, standin.ProxyStat]:
         return standin.stats(self.stats_socket)
@@ -207,7 +203,7 @@ class AmbientNode(Managed):
                 [
                     PY,
                     "-m",
-                    "eztunnel_plugin",
+                    "eztunnel_lab",
                     "fake-istiod",
                     "--workloads",
                     str(wl),
@@ -247,6 +243,8 @@ class AmbientNode(Managed):
                 "--xds-plaintext",
                 "--node-name",
                 self.node_name,
+                "--admin-socket",  # the node's own, not the host's /var/run/eztunnel
+                str(self.workdir / "admin.sock"),
             ],
             self.lab.child_cgroup("agent"),
             env=env,
@@ -320,6 +318,28 @@ class AmbientNode(Managed):
         """Run an app process in the pod's netns and cgroup."""
         return self.lab.spawn(pod.pod, argv, None, **kw)
 
+    def flowcheck_server(self, pod: SimPod, port: int = FLOWCHECK_PORT) -> subprocess.Popen[bytes]:
+        """Start a flowcheck server in the pod; return once it listens."""
+        argv = traffic.command("flowcheck", "server", "--port", str(port))
+        proc = self.spawn(pod, argv, stdout=subprocess.DEVNULL)
+        self.wait_listening(pod.netns, [port], f"the flowcheck server in {pod.name}", proc)
+        return proc
+
+    def run_client(
+        self, tool: str, src: SimPod, dst: SimPod, port: int, *args: str, timeout: float = 90
+    ) -> dict[str, Any]:
+        """Traffic program `tool`'s client, src -> dst:port, to its end: its JSON report, or
+        {"ok": False, "error": ...} when it printed none."""
+        argv = traffic.command(tool, "client", "--connect", dst.ip, "--port", str(port), *args)
+        proc = self.spawn(src, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.communicate(timeout=timeout)
+        try:
+            return traffic.report(out)
+        except ValueError:
+            tail = err.decode(errors="replace").strip()[-500:]
+            why = f"{tool} client printed no report (exit {proc.returncode}): {tail}"
+            return {"ok": False, "error": why}
+
     def _spawn_logged(
         self, name: str, argv: list[str], cgroup: Path, **kw: object
     ) -> subprocess.Popen[bytes]:
@@ -341,14 +361,32 @@ class AmbientNode(Managed):
         what: str,
         proc: subprocess.Popen[bytes] | None = None,
     ) -> None:
-        """Poll cond (bounded in time); fail early, with its log, if proc exits."""
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if proc is not None and proc.poll() is not None:
-                raise SimError(f"{what}: process exited ({proc.returncode}):\n{self._logs()}")
-            if time.monotonic() > deadline:
-                raise SimError(f"timed out waiting for {what}\n{self._logs()}")
-            time.sleep(0.05)
+        """netlab.wait_until, failing with the node's logs."""
+        try:
+            netlab.wait_until(cond, timeout, what, proc)
+        except netlab.WaitError as e:
+            raise SimError(f"{e}:\n{self._logs()}") from None
+
+    def wait_listening(
+        self,
+        netns: str,
+        ports: Iterable[int],
+        what: str,
+        proc: subprocess.Popen[bytes] | None = None,
+        timeout: float = 15,
+    ) -> None:
+        """netlab.wait_listening, failing with the node's logs."""
+        want = list(ports)
+        self.wait_until(lambda: netlab.listening(netns, want), timeout, what, proc)
+
+    def leftovers(self) -> list[str]:
+        """What of this node still exists after close(): netns, cgroup, pins, work dir."""
+        names = subprocess.run(
+            ["ip", "netns", "list"], capture_output=True, text=True, check=False
+        ).stdout
+        left = [line.split()[0] for line in names.splitlines() if self.lab.tag in line]
+        left += [str(p) for p in (self.lab.cgroup, self.lab.bpffs, self.workdir) if p.exists()]
+        return left
 
     def _logs(self) -> str:
         return "\n".join(f"--- {n}.log\n{self.log_tail(n)}" for n in ("haproxy", "istiod", "agent"))
@@ -404,7 +442,7 @@ def set_affinity(pids: Sequence[int], cpus: set[int]) -> None:
                     os.sched_setaffinity(int(tid), cpus)
 
 
-# ---- `eztunnel-plugin sim` ---------------------------------------------------------------
+# ---- `eztunnel-lab sim` ------------------------------------------------------------------
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -425,10 +463,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
-        print("eztunnel-plugin sim: needs root (namespaces, cgroups, BPF)", file=sys.stderr)
+        print("eztunnel-lab sim: needs root (namespaces, cgroups, BPF)", file=sys.stderr)
         return 2
     if not 2 <= args.pods <= 200:
-        print("eztunnel-plugin sim: --pods must be between 2 and 200", file=sys.stderr)
+        print("eztunnel-lab sim: --pods must be between 2 and 200", file=sys.stderr)
         return 2
     names = [f"pod{i + 1}" for i in range(args.pods)]
     try:
@@ -438,7 +476,7 @@ def main(args: argparse.Namespace) -> int:
                 return 0 if self_check(node) else 1
             _wait_for_signal(args.duration)
     except SimError as e:
-        print(f"eztunnel-plugin sim: {e}", file=sys.stderr)
+        print(f"eztunnel-lab sim: {e}", file=sys.stderr)
         return 1
     print("simulated node removed", flush=True)
     return 0
@@ -470,57 +508,25 @@ def self_check(node: AmbientNode) -> bool:
     """Pod 1 -> pod 2 with flowcheck: data intact, the stand-in on the path, and with the
     agent, every hop spliced (capture, cross-netns mirror, same-netns mirror)."""
     a, b = node.pods[0], node.pods[1]
-    server = node.spawn(
-        b,
-        [PY, "-m", "eztunnel_plugin.flowcheck", "server", "--port", "9000"],
-        stdout=subprocess.PIPE,
-    )
-    node.wait_until(
-        lambda: ":9000 " in node.lab.exec(b.netns, "ss", "-ltnH").stdout,
-        15,
-        "the test server",
-        server,
-    )
+    node.flowcheck_server(b)
     conns = 8
-    before, counters = node.standin_stats(), node.counters()
-    client = node.spawn(
+    before, c0 = node.standin_stats(), node.counters()
+    result = node.run_client(
+        "flowcheck",
         a,
-        [
-            PY,
-            "-m",
-            "eztunnel_plugin.flowcheck",
-            "client",
-            "--connect",
-            b.ip,
-            "--port",
-            "9000",
-            "--conns",
-            str(conns),
-            "--max-size",
-            str(1 << 20),
-            "--timeout",
-            "60",
-        ],
-        stdout=subprocess.PIPE,
+        b,
+        FLOWCHECK_PORT,
+        *("--conns", str(conns), "--max-size", str(1 << 20), "--timeout", "60"),
     )
-    out, _ = client.communicate(timeout=90)
-    result = json.loads(out.decode().strip().splitlines()[-1])
-    print(f"flowcheck {a.name} -> {b.name}:9000: {result}")
+    print(f"flowcheck {a.name} -> {b.name}:{FLOWCHECK_PORT}: {result}")
     hops = check_path(before, node.standin_stats(), a.name, b.name, conns)
     print(f"stand-in connections per hop: {hops}")
     ok = bool(result["ok"])
     if node.agent_proc is not None:
-        after = node.counters()
-        delta = {
-            k: after[k] - counters.get(k, 0)
-            for k in after
-            if k.startswith("pairs") and after[k] != counters.get(k, 0)
-        }
-        print(f"spliced pairs: {delta}")
-        ok = ok and all(
-            delta.get(k, 0) >= conns
-            for k in ("pairs_capture", "pairs_cross_mirror", "pairs_netns_mirror")
-        )
+        moved = counters.delta(c0, node.counters())
+        pairs = {k: v for k, v in moved.items() if k.startswith("pairs") and v}
+        print(f"spliced pairs: {pairs}")
+        ok = ok and all(pairs.get(k, 0) >= conns for k in counters.HOP_RULES)
     print("check passed" if ok else "check FAILED")
     return ok
 

@@ -1,0 +1,3 @@
+from eztunnel_lab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,235 @@
+"""Measurements on lab nodes, shared by the demo and the benchmarks.
+
+sockperf (latency), iperf3 (throughput), flow completion times (traffic/fct.py) and
+node CPU, each proven to have crossed every hop of the ztunnel stand-in (`proven`).
+Nothing here records results: the benchmarks (bench/) and the demo do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from eztunnel_lab import counters, traffic
+from eztunnel_lab.netlab import Lab, Pod
+from eztunnel_lab.sim import AmbientNode, SimError, check_path, set_affinity
+
+SOCKPERF_PORT, IPERF_PORT, FCT_PORT = 11111, 5201, 9100
+FCT_SIZES = (1024, 10240, 102400, 1048576)
+ALL_CPUS = set(range(os.cpu_count() or 1))
+CPU_RATE = "2G"  # paced load for CPU per GB: below what either side can carry
+T = TypeVar("T")
+_PCT = re.compile(r"percentile (\d+\.\d+) =\s+([\d.]+)")
+
+
+def _cpu0(pin: bool) -> list[str]:
+    return ["taskset", "-c", "0"] if pin else []
+
+
+def spawn_servers(
+    lab: Lab,
+    pod: Pod,
+    cgroup: Path | None,
+    host: str,
+    sockperf: Sequence[int] = (),
+    pinned: Sequence[int] = (),
+    iperf3: Sequence[int] = (),
+) -> list[int]:
+    """Start sockperf servers (`pinned` ones on CPU 0) and iperf3 servers on host, in the
+    pod and `cgroup` (None: the pod's), output discarded. Their ports, to wait for."""
+
+    def sockperf_server(port: int, pin: bool) -> list[str]:
+        return [*_cpu0(pin), "sockperf", "server", "--tcp", "-i", host, "-p", str(port)]
+
+    argvs = [sockperf_server(p, True) for p in pinned]
+    argvs += [sockperf_server(p, False) for p in sockperf]
+    argvs += [["iperf3", "-s", "-B", host, "-p", str(p)] for p in iperf3]
+    for argv in argvs:
+        lab.spawn(pod, argv, cgroup=cgroup, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return [*pinned, *sockperf, *iperf3]
+
+
+def sockperf(
+    lab: Lab, pod: Pod, cgroup: Path | None, host: str, port: int, pin: bool, seconds: int
+) -> dict[str, float]:
+    """64-byte TCP ping-pong: p50 and p99 one-way latency in microseconds."""
+    argv = [
+        "sockperf",
+        "ping-pong",
+        "--tcp",
+        "-i",
+        host,
+        "-p",
+        str(port),
+        "-t",
+        str(seconds),
+        "-m",
+        "64",
+    ]
+    proc = lab.spawn(
+        pod,
+        _cpu0(pin) + argv,
+        cgroup=cgroup,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    out, _ = proc.communicate(timeout=seconds + 30)
+    pcts = {float(p): float(v) for p, v in _PCT.findall(out.decode())}
+    if 50.0 not in pcts:
+        raise RuntimeError(f"sockperf printed no percentiles:\n{out.decode()[-1500:]}")
+    return {"p50": pcts[50.0], "p99": pcts[99.0]}
+
+
+@dataclass
+class Side:
+    name: str  # "baseline" or "plugin"
+    node: AmbientNode
+    connections: int = 0  # application connections measured (each crossed every hop)
+    splices: Counter[str] = field(default_factory=Counter)  # pairs per rule, np_* reasons
+
+    @property
+    def client(self) -> str:
+        return self.node.pods[0].name
+
+    @property
+    def server(self) -> str:
+        return self.node.pods[1].name
+
+
+def start_servers(node: AmbientNode) -> None:
+    """sockperf, iperf3 and fct servers in the server pod; returns once they listen."""
+    srv = node.pods[1]
+    ports = spawn_servers(
+        node.lab, srv.pod, None, srv.ip, sockperf=[SOCKPERF_PORT], iperf3=[IPERF_PORT]
+    )
+    argv = traffic.command("fct", "server", "--port", str(FCT_PORT))
+    node.spawn(srv, argv, stdout=subprocess.DEVNULL)
+    node.wait_listening(srv.netns, [*ports, FCT_PORT], "benchmark servers")
+
+
+@dataclass
+class Bulk:
+    gbps: float
+    bytes: int
+    error: str = ""  # the run failed (e.g. the sender got ENOMEM): recorded as 0 Gbit/s
+
+
+def iperf3_argv(host: str, port: int, seconds: int, streams: int = 1, rate: str = "") -> list[str]:
+    """An iperf3 client with a JSON report; `rate` paces each stream (-b), "" for unlimited."""
+    argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"]
+    return argv + (["-b", rate] if rate else [])
+
+
+def iperf3_client(
+    lab: Lab,
+    pod: Pod,
+    cgroup: Path | None,
+    host: str,
+    port: int,
+    seconds: int,
+    streams: int = 1,
+    rate: str = "",
+) -> Bulk:
+    """iperf3 from the pod (in `cgroup`, None: the pod's) to host:port, received bytes."""
+    argv = iperf3_argv(host, port, seconds, streams, rate)
+    proc = lab.spawn(pod, argv, cgroup=cgroup, stdout=subprocess.PIPE)
+    out, _ = proc.communicate(timeout=seconds + 30)
+    try:
+        report = json.loads(out)
+    except ValueError:
+        return Bulk(0.0, 0, f"iperf3 printed no report (exit {proc.returncode})")
+    if "error" in report:
+        return Bulk(0.0, 0, f"iperf3: {report['error']}")
+    rx = report["end"]["sum_received"]
+    return Bulk(float(rx["bits_per_second"]) / 1e9, int(rx["bytes"]))
+
+
+def iperf3(node: AmbientNode, seconds: int, streams: int, rate: str = "") -> Bulk:
+    """Client pod -> server pod; `rate` paces each stream (iperf3 -b), "" for unlimited."""
+    cli, srv = node.pods[0], node.pods[1]
+    return iperf3_client(node.lab, cli.pod, None, srv.ip, IPERF_PORT, seconds, streams, rate)
+
+
+def tcp_memory_pages() -> int:
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()
+            return int(fields[fields.index("mem") + 1])
+    return 0
+
+
+def settle(timeout: float = 20.0) -> None:
+    """Wait until the kernel's TCP memory is back near idle, so that a run that left
+    queues behind (a failed plugin run) cannot put the next one under memory pressure."""
+    limit = int(Path("/proc/sys/net/ipv4/tcp_mem").read_text().split()[0]) // 20
+    deadline = time.monotonic() + timeout
+    while tcp_memory_pages() > limit and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def fct(
+    node: AmbientNode, count: int, seconds: float, sizes: tuple[int, ...] = FCT_SIZES
+) -> dict[str, dict[str, float]]:
+    """Short flows, one after another, per size: {size: {n, p50_us, p90_us, bytes}}."""
+    result = node.run_client(
+        "fct",
+        node.pods[0],
+        node.pods[1],
+        FCT_PORT,
+        *("--sizes", ",".join(map(str, sizes)), "--count", str(count), "--seconds", str(seconds)),
+        timeout=len(sizes) * (seconds + 30),
+    )
+    if not result["ok"]:
+        raise SimError(f"fct client: {result['error']}")
+    per_size: dict[str, dict[str, float]] = result["sizes"]
+    return per_size
+
+
+def proven(side: Side, conns: int, run: Callable[[], T]) -> T:
+    """Run one measurement and prove its path: every stand-in hop saw >= conns new
+    connections; on the plugin node something was spliced (a hop the plugin fails to
+    pair stays on TCP: that is its real behaviour, kept in the sample and counted per
+    reason in side.splices, never retried away); the baseline node has no programs."""
+    node = side.node
+    settle()
+    before, c0 = node.standin_stats(), node.counters()
+    result = run()
+    hops = check_path(before, node.standin_stats(), side.client, side.server, conns)
+    side.connections += min(hops.values())
+    if side.name == "baseline":
+        if node.lab.bpffs.exists() or node.counters():
+            raise SimError("the baseline node has eztunnel programs attached")
+        return result
+    delta = counters.delta(c0, node.counters())
+    side.splices.update(
+        {k: v for k, v in delta.items() if v and (k in counters.HOP_RULES or k.startswith("np_"))}
+    )
+    if delta.get("pairs", 0) < 1 or delta.get("bytes_redirected", 0) <= 0:
+        raise SimError(f"plugin node: nothing spliced in a measurement; counters moved by {delta}")
+    return result
+
+
+def latency(node: AmbientNode, pin: bool, seconds: int) -> dict[str, float]:
+    """sockperf 64-byte ping-pong client pod -> server pod: p50/p99 one-way, in us.
+    Pinned: the client (taskset), the server, the stand-in and the agent all on CPU 0."""
+    cli, srv = node.pods[0], node.pods[1]
+    set_affinity(node.node_pids(), {0} if pin else ALL_CPUS)
+    try:
+        return sockperf(node.lab, cli.pod, cli.cgroup, srv.ip, SOCKPERF_PORT, pin, seconds)
+    finally:
+        set_affinity(node.node_pids(), ALL_CPUS)
+
+
+def paced_cpu(node: AmbientNode, seconds: int) -> tuple[float, Bulk]:
+    """CPU seconds of the whole node while one flow moves data at CPU_RATE."""
+    cpu0 = node.cpu_usage_s()
+    bulk = iperf3(node, seconds, 1, CPU_RATE)
+    return node.cpu_usage_s() - cpu0, bulk
