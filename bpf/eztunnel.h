@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
  * Every struct and constant shared between the BPF programs and user space.
- * src/eztunnel_plugin/layout.py mirrors this file; tests/test_layout.py checks
+ * src/eztunnel_plugin/bpf/layout.py mirrors this file; tests/test_layout.py checks
  * both against the BTF of the compiled object, so they cannot drift.
  */
 #ifndef EZTUNNEL_H

@@ -13,7 +13,7 @@ import pytest
 
 from eztunnel_lab import traffic
 from eztunnel_lab.netlab import Lab, Pod
-from eztunnel_plugin import dataplane, layout
+from eztunnel_plugin.bpf import dataplane, layout
 
 TOOLS = Path(__file__).parent / "tools"
 PY = sys.executable

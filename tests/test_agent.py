@@ -314,7 +314,7 @@ def test_metrics_refuse_oversize_and_bad_requests_without_traceback(
 def test_metrics_bound_connections_and_their_time(
     lab: Lab, agents: list[AgentProc], tmp_path: Path
 ) -> None:
-    from eztunnel_plugin import metrics as metrics_module
+    from eztunnel_plugin.api import metrics as metrics_module
 
     a = lab.add_pod()
     metrics = f"127.0.0.1:{free_port()}"

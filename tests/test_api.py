@@ -20,8 +20,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from eztunnel_lab.netlab import Lab
-from eztunnel_plugin import api, bpfsys, cli, config, dataplane, layout
+from eztunnel_plugin import cli, config
 from eztunnel_plugin.agent import Agent
+from eztunnel_plugin.api import inspector
+from eztunnel_plugin.bpf import dataplane, layout, syscalls
 from eztunnel_plugin.pb.eztunnel.v1 import inspector_pb2 as pb
 from eztunnel_plugin.pb.eztunnel.v1 import inspector_pb2_grpc as pb_grpc
 
@@ -39,18 +41,18 @@ def put_pair(dp: dataplane.Dataplane, active: int) -> None:
             active=is_active, local=layout.Addr.of("10.1.0.1"), remote=layout.Addr.of("10.1.0.2"),
             local_port=1024 + cookie % 60000, remote_port=80,
         )  # fmt: skip
-        bpfsys.map_update(fd, struct.pack("=Q", cookie), bytes(info))
+        syscalls.map_update(fd, struct.pack("=Q", cookie), bytes(info))
 
 
 def put_lone(dp: dataplane.Dataplane, cookie: int) -> None:
     """A socket that never paired: in the map, but no flow."""
     info = layout.SockInfo(state=layout.SockState.TAINTED, local=layout.Addr.of("10.1.0.1"))
-    bpfsys.map_update(dp.maps["ez_sockinfo"], struct.pack("=Q", cookie), bytes(info))
+    syscalls.map_update(dp.maps["ez_sockinfo"], struct.pack("=Q", cookie), bytes(info))
 
 
 def delete_pair(dp: dataplane.Dataplane, active: int) -> None:
     for cookie in (active, active + 1):
-        bpfsys.map_delete(dp.maps["ez_sockinfo"], struct.pack("=Q", cookie))
+        syscalls.map_delete(dp.maps["ez_sockinfo"], struct.pack("=Q", cookie))
 
 
 def fill(dp: dataplane.Dataplane, pairs: int, first: int = 1_000_001) -> set[int]:
@@ -68,7 +70,7 @@ def walk(
     cursor: int | None = 0
     for _ in range(100_000):
         assert cursor is not None
-        page, cursor = api.read_flow_page(dp, cursor, size)
+        page, cursor = inspector.read_flow_page(dp, cursor, size)
         if size >= 16:  # smaller pages may grow to one whole hash bucket
             assert len(page) <= size
         seen += [f.active_cookie for f in page]
@@ -116,10 +118,10 @@ def test_pages_stay_exact_while_the_map_changes(dp: dataplane.Dataplane) -> None
 
 
 def test_a_page_reads_a_bounded_number_of_sockets(dp: dataplane.Dataplane) -> None:
-    for c in range(1, 3 * api.MAX_SCAN):
+    for c in range(1, 3 * inspector.MAX_SCAN):
         put_lone(dp, c)
     want = fill(dp, 10)
-    page, cursor = api.read_flow_page(dp, 0, 1000)
+    page, cursor = inspector.read_flow_page(dp, 0, 1000)
     assert cursor is not None and len(page) < 10  # stopped early, with a way on
     assert set(walk(dp, 1000)) == want
 
@@ -128,7 +130,7 @@ def test_a_page_reads_a_bounded_number_of_sockets(dp: dataplane.Dataplane) -> No
 
 
 class Served:
-    def __init__(self, agent: Agent, server: api.ApiServer, addr: str) -> None:
+    def __init__(self, agent: Agent, server: inspector.ApiServer, addr: str) -> None:
         self.agent, self.server, self.addr = agent, server, addr
 
 
@@ -145,7 +147,7 @@ def make_agent(lab: Lab, dp: dataplane.Dataplane, tmp_path: Path) -> Iterator[Ag
 async def serve(agent: Agent) -> Served:
     addr = f"127.0.0.1:{free_port()}"
     host, port = addr.split(":")
-    server = await api.start(agent, config.Listen(host, int(port)))
+    server = await inspector.start(agent, config.Listen(host, int(port)))
     await server.set_serving(True)
     return Served(agent, server, addr)
 
@@ -168,8 +170,8 @@ def test_a_slow_map_read_does_not_stall_health_or_the_loop(
     make_agent: Agent, dp: dataplane.Dataplane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     want = fill(dp, 500)
-    gate = Gate(api.read_flow_page)
-    monkeypatch.setattr(api, "read_flow_page", gate)
+    gate = Gate(inspector.read_flow_page)
+    monkeypatch.setattr(inspector, "read_flow_page", gate)
 
     async def main() -> None:
         s = await serve(make_agent)
@@ -212,8 +214,8 @@ def test_reads_past_the_queue_limit_are_refused(
     make_agent: Agent, dp: dataplane.Dataplane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fill(dp, 10)
-    gate = Gate(api.read_flow_page)
-    monkeypatch.setattr(api, "read_flow_page", gate)
+    gate = Gate(inspector.read_flow_page)
+    monkeypatch.setattr(inspector, "read_flow_page", gate)
 
     async def main() -> None:
         s = await serve(make_agent)
@@ -222,13 +224,13 @@ def test_reads_past_the_queue_limit_are_refused(
                 stub = pb_grpc.InspectorStub(channel)
                 calls = [
                     stub.ListFlows(pb.ListFlowsRequest(), timeout=60)
-                    for _ in range(api.MAX_WAITING_READS)
+                    for _ in range(inspector.MAX_WAITING_READS)
                 ]
                 for _ in range(3000):  # bounded: until every call waits on the reader
-                    if make_agent.reader.waiting == api.MAX_WAITING_READS:
+                    if make_agent.reader.waiting == inspector.MAX_WAITING_READS:
                         break
                     await asyncio.sleep(0.01)
-                assert make_agent.reader.waiting == api.MAX_WAITING_READS
+                assert make_agent.reader.waiting == inspector.MAX_WAITING_READS
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await stub.GetStats(pb.GetStatsRequest(), timeout=10)
                 assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -263,7 +265,7 @@ def test_page_tokens_over_grpc(make_agent: Agent, dp: dataplane.Dataplane) -> No
                     if not token:
                         break
                 assert len(seen) == len(want) and set(seen) == want
-                for bad in ("x", "MTIz", api.encode_token(1 << 32)):  # "123": not ours either
+                for bad in ("x", "MTIz", inspector.encode_token(1 << 32)):  # "123": not ours either
                     with pytest.raises(grpc.aio.AioRpcError) as e:
                         await stub.ListFlows(pb.ListFlowsRequest(page_token=bad), timeout=10)
                     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

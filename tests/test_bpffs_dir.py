@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from eztunnel_lab.netlab import Lab
-from eztunnel_plugin import dataplane, layout
+from eztunnel_plugin.bpf import dataplane, layout
 
 Mount = Callable[[Path, str], Path]
 

@@ -30,7 +30,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from eztunnel_plugin import admin, cli, dataplane, layout
+from eztunnel_plugin import cli
+from eztunnel_plugin.api import admin
+from eztunnel_plugin.bpf import dataplane, layout
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "eztunnel"
@@ -1234,7 +1236,7 @@ BIND_EXEC = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
 INSTALL_TWICE = """
 import sys
 from pathlib import Path
-from eztunnel_plugin import dataplane
+from eztunnel_plugin.bpf import dataplane
 bpffs, cgroup = Path(sys.argv[1]), Path(sys.argv[2])
 for expect_reuse in (False, True):
     # isolated: the agent loads in a child process, so fork/exec runs under the filter too.

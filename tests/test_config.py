@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from eztunnel_plugin import config, dataplane
+from eztunnel_plugin import config
+from eztunnel_plugin.bpf import dataplane
 from eztunnel_plugin.config import ConfigError, from_args
 
 PY = sys.executable

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from eztunnel_lab.netlab import Lab, Pod
-from eztunnel_plugin import bpfsys, dataplane, layout
+from eztunnel_plugin.bpf import dataplane, layout, syscalls
 
 from .conftest import (
     PY,
@@ -541,7 +541,7 @@ def test_uninstall_during_live_flows(lab: Lab, dp: dataplane.Dataplane) -> None:
 def test_layout_mismatch_is_a_clear_error(lab: Lab, dp: dataplane.Dataplane) -> None:
     cfg = dp.config()
     cfg.layout_version = layout.LAYOUT_VERSION + 1
-    bpfsys.map_update(dp.maps["ez_config"], bytes(4), bytes(cfg))
+    syscalls.map_update(dp.maps["ez_config"], bytes(4), bytes(cfg))
     with pytest.raises(
         dataplane.DataplaneError, match=rf"layout version {layout.LAYOUT_VERSION + 1}.*uninstall"
     ):
@@ -615,16 +615,16 @@ def _cross_key(src: str, sport: int, dst: str, dport: int) -> layout.IndexKey:
 
 
 def _index_entry(dp: dataplane.Dataplane, key: layout.IndexKey) -> layout.IndexValue | None:
-    raw = bpfsys.map_lookup(dp.maps["ez_index"], bytes(key), ctypes.sizeof(layout.IndexValue))
+    raw = syscalls.map_lookup(dp.maps["ez_index"], bytes(key), ctypes.sizeof(layout.IndexValue))
     return None if raw is None else layout.IndexValue.from_buffer_copy(raw)
 
 
 def _index_size(dp: dataplane.Dataplane) -> int:
-    return len(bpfsys.map_keys(dp.maps["ez_index"], ctypes.sizeof(layout.IndexKey)))
+    return len(syscalls.map_keys(dp.maps["ez_index"], ctypes.sizeof(layout.IndexKey)))
 
 
 def _put_sockinfo(dp: dataplane.Dataplane, cookie: int, info: layout.SockInfo) -> None:
-    bpfsys.map_update(dp.maps["ez_sockinfo"], struct.pack("=Q", cookie), bytes(info))
+    syscalls.map_update(dp.maps["ez_sockinfo"], struct.pack("=Q", cookie), bytes(info))
 
 
 def test_capture_pairs_a_nat_remapped_client_never_the_idle_owner_of_its_port(
@@ -726,7 +726,7 @@ def test_a_peer_whose_state_is_gone_has_its_own_reason(lab: Lab, dp: dataplane.D
     hold_server(lab, b, "0.0.0.0", 9000)
     _ack_rule(lab, a, "-A", b.ip4, 9000)
     client, cookie = _hs_client(lab, a, b.ip4, 9000)
-    assert bpfsys.map_delete(dp.maps["ez_sockinfo"], struct.pack("=Q", cookie))
+    assert syscalls.map_delete(dp.maps["ez_sockinfo"], struct.pack("=Q", cookie))
     before = dp.counters()
     _ack_rule(lab, a, "-D", b.ip4, 9000)
     wait_for(lambda: dp.counters()["np_peer_missing"] > before["np_peer_missing"], timeout=20,

@@ -361,8 +361,6 @@ class ImageOnly(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, ImageOnly())
 from eztunnel_plugin import cli
-
-
 def run(argv):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from eztunnel_plugin import dataplane, layout
+from eztunnel_plugin.bpf import dataplane, layout
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from eztunnel_lab.netlab import Lab, Pod
-from eztunnel_plugin import dataplane, layout
+from eztunnel_plugin.bpf import dataplane, layout
 
 from .conftest import enroll
 from .tools.pairlab import Arena, pairs_of

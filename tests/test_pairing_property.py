@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from eztunnel_lab.netlab import Lab
-from eztunnel_plugin import dataplane, layout
+from eztunnel_plugin.bpf import dataplane, layout
 
 from .conftest import enroll
 from .tools.pairlab import Arena

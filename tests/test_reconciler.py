@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from eztunnel_plugin import bpfsys, dataplane, layout
+from eztunnel_plugin.bpf import dataplane, layout, syscalls
 from eztunnel_plugin.reconciler import EZ_EP_ENROLLED, MemorySink, Reconciler, plan
-from eztunnel_plugin.workload_state import (
+from eztunnel_plugin.state.workloads import (
     ADDRESS_TYPE,
     AUTHORIZATION_TYPE,
     Snapshot,
@@ -192,9 +192,9 @@ def test_resync_rereads_the_map() -> None:
 def test_against_real_endpoint_map() -> None:
     """The reconciler on dataplane.EndpointMap over an anonymous BPF hash map (no program)."""
     try:
-        fd = bpfsys._bpf(
+        fd = syscalls._bpf(
             0,  # BPF_MAP_CREATE
-            bpfsys._attr(
+            syscalls._attr(
                 (0, "=I", 1),  # BPF_MAP_TYPE_HASH
                 (4, "=I", ctypes.sizeof(layout.Addr)),
                 (8, "=I", ctypes.sizeof(layout.Endpoint)),
@@ -202,7 +202,7 @@ def test_against_real_endpoint_map() -> None:
             ),
             "map create",
         )
-    except bpfsys.BpfError as e:
+    except syscalls.BpfError as e:
         pytest.skip(f"cannot create a BPF map here: {e}")
     try:
         ep = dataplane.EndpointMap(fd)

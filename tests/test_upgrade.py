@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from eztunnel_lab.netlab import Lab, Pod
-from eztunnel_plugin import bpfsys, dataplane, layout
+from eztunnel_plugin.bpf import dataplane, layout, syscalls
 
 from .conftest import enroll, finish_hold, hold_client, hold_server, wait_for, wait_line
 
@@ -94,31 +94,31 @@ def objects(tmp_path_factory: pytest.TempPathFactory) -> Objects:
 
 
 def _tags(obj: Path) -> dict[str, str]:
-    loaded = bpfsys.load_object(obj)
+    loaded = syscalls.load_object(obj)
     try:
-        return {name: bpfsys.prog_info(fd).tag for name, fd in loaded.prog_fds.items()}
+        return {name: syscalls.prog_info(fd).tag for name, fd in loaded.prog_fds.items()}
     finally:
         loaded.close()
 
 
-def _attached(bpffs: Path, link: str) -> bpfsys.ProgInfo:
+def _attached(bpffs: Path, link: str) -> syscalls.ProgInfo:
     """The program a pinned link runs (opened by id: the tests run with CAP_SYS_ADMIN)."""
-    fd = bpfsys.obj_get(bpffs / link)
+    fd = syscalls.obj_get(bpffs / link)
     try:
-        prog_id = bpfsys.link_info(fd).prog_id
+        prog_id = syscalls.link_info(fd).prog_id
     finally:
         fd_close(fd)
-    pfd = bpfsys.prog_get_fd_by_id(prog_id)
+    pfd = syscalls.prog_get_fd_by_id(prog_id)
     try:
-        return bpfsys.prog_info(pfd)
+        return syscalls.prog_info(pfd)
     finally:
         fd_close(pfd)
 
 
 def _attached_map_ids(bpffs: Path, link: str) -> set[int]:
-    pfd = bpfsys.prog_get_fd_by_id(_attached(bpffs, link).id)
+    pfd = syscalls.prog_get_fd_by_id(_attached(bpffs, link).id)
     try:
-        return set(bpfsys.prog_map_ids(pfd))
+        return set(syscalls.prog_map_ids(pfd))
     finally:
         fd_close(pfd)
 
@@ -128,17 +128,17 @@ def fd_close(fd: int) -> None:
 
 
 def _link_id(bpffs: Path, link: str) -> int:
-    fd = bpfsys.obj_get(bpffs / link)
+    fd = syscalls.obj_get(bpffs / link)
     try:
-        return bpfsys.link_info(fd).id
+        return syscalls.link_info(fd).id
     finally:
         fd_close(fd)
 
 
 def _map_id(path: Path) -> int:
-    fd = bpfsys.obj_get(path)
+    fd = syscalls.obj_get(path)
     try:
-        return bpfsys.map_info(fd).id
+        return syscalls.map_info(fd).id
     finally:
         fd_close(fd)
 
@@ -148,18 +148,18 @@ def _map_ids(gen: Path) -> dict[str, int]:
 
 
 def _sockets_in(gen: Path) -> int:
-    fd = bpfsys.obj_get(gen / "ez_socks")
+    fd = syscalls.obj_get(gen / "ez_socks")
     try:
-        return len(bpfsys.map_keys(fd, 8, limit=layout.MAX_SOCKETS))
+        return len(syscalls.map_keys(fd, 8, limit=layout.MAX_SOCKETS))
     finally:
         fd_close(fd)
 
 
 def _counter(gen: Path, counter: layout.Counter) -> int:
     """A counter of any generation, read straight from its pinned map."""
-    fd = bpfsys.obj_get(gen / "ez_counters")
+    fd = syscalls.obj_get(gen / "ez_counters")
     try:
-        slots = bpfsys.percpu_lookup(fd, counter.value.to_bytes(4, "little"), 8)
+        slots = syscalls.percpu_lookup(fd, counter.value.to_bytes(4, "little"), 8)
     finally:
         fd_close(fd)
     return sum(int.from_bytes(s, "little") for s in slots)
@@ -167,8 +167,8 @@ def _counter(gen: Path, counter: layout.Counter) -> int:
 
 def _prog_gone(prog_id: int) -> bool:
     try:
-        fd_close(bpfsys.prog_get_fd_by_id(prog_id))
-    except bpfsys.BpfError:
+        fd_close(syscalls.prog_get_fd_by_id(prog_id))
+    except syscalls.BpfError:
         return True
     return False
 
@@ -203,7 +203,7 @@ def _install_previous_release(lab: Lab, objects: Objects) -> dataplane.Dataplane
     dp = dataplane.Dataplane.install_or_reuse(lab.bpffs, lab.cgroup, obj=objects["old_layout"])
     cfg = dp.config()
     cfg.layout_version = OLD_VERSION
-    bpfsys.map_update(dp.maps["ez_config"], bytes(4), bytes(cfg))
+    syscalls.map_update(dp.maps["ez_config"], bytes(4), bytes(cfg))
     return dp
 
 
@@ -242,8 +242,8 @@ def test_changed_programs_are_swapped_in_place(lab: Lab, objects: Objects) -> No
             uses = _attached_map_ids(lab.bpffs, link)
             assert len(uses - set(maps.values())) == 1
             assert link != "link_sockops" or set(maps.values()) <= uses
-            pin = bpfsys.obj_get(lab.bpffs / dataplane.PROG_PINS[link])
-            assert bpfsys.prog_info(pin).id == now.id
+            pin = syscalls.obj_get(lab.bpffs / dataplane.PROG_PINS[link])
+            assert syscalls.prog_info(pin).id == now.id
             fd_close(pin)
         assert _map_ids(lab.bpffs) == maps
         assert _cgroup_programs(lab).count("ez_sockops") == 1
@@ -300,7 +300,7 @@ def test_a_concurrent_switch_is_detected_not_overwritten(
 
     def stale(bpffs: Path, link: str, prog_id: int) -> int | None:
         if link == dataplane.LINK_SOCKOPS:
-            return bpfsys.obj_get(bpffs / dataplane.PROG_PINS[dataplane.LINK_MSG])
+            return syscalls.obj_get(bpffs / dataplane.PROG_PINS[dataplane.LINK_MSG])
         return real(bpffs, link, prog_id)
 
     monkeypatch.setattr(dataplane, "_attached_prog", stale)
@@ -523,8 +523,8 @@ def test_died_before_the_switch(lab: Lab, objects: Objects) -> None:
 def test_only_our_pins_move_and_go(lab: Lab, objects: Objects) -> None:
     _install_previous_release(lab, objects).close()
     foreign = lab.bpffs / "someone_else"  # not one of our names: never moved or removed
-    fd = bpfsys.obj_get(lab.bpffs / "ez_ports")
-    bpfsys.obj_pin(fd, foreign)
+    fd = syscalls.obj_get(lab.bpffs / "ez_ports")
+    syscalls.obj_pin(fd, foreign)
     fd_close(fd)
     dataplane.Dataplane.install_or_reuse(lab.bpffs, lab.cgroup).close()
     assert foreign.exists()
@@ -540,7 +540,7 @@ def test_only_our_pins_move_and_go(lab: Lab, objects: Objects) -> None:
 UPGRADE_AS_AGENT = """
 import sys
 from pathlib import Path
-from eztunnel_plugin import dataplane
+from eztunnel_plugin.bpf import dataplane
 bpffs, cgroup, obj = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 dp = dataplane.Dataplane.install_or_reuse(bpffs, cgroup, obj=Path(obj) if obj else None,
                                           isolated=True)

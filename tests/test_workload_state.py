@@ -15,7 +15,7 @@ from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2 as dpb
 from eztunnel_plugin.pb.istio.security import authorization_pb2 as az
 from eztunnel_plugin.pb.istio.workload import workload_pb2 as wl
 from eztunnel_plugin.reconciler import MemorySink, Reconciler
-from eztunnel_plugin.workload_state import (
+from eztunnel_plugin.state.workloads import (
     ADDRESS_TYPE,
     AUTHORIZATION_TYPE,
     MAX_KEY_LEN,

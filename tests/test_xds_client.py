@@ -21,8 +21,8 @@ from structlog.testing import capture_logs
 from eztunnel_lab.fake_istiod import FakeIstiod, make_resource
 from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2
 from eztunnel_plugin.pb.istio.workload import workload_pb2 as wl
-from eztunnel_plugin.workload_state import ADDRESS_TYPE, AUTHORIZATION_TYPE, WorkloadState
-from eztunnel_plugin.xds_client import ConnectError, XdsClient, XdsConfig, node_id
+from eztunnel_plugin.state.workloads import ADDRESS_TYPE, AUTHORIZATION_TYPE, WorkloadState
+from eztunnel_plugin.xds.client import ConnectError, XdsClient, XdsConfig, node_id
 from tests.xds_testlib import (
     NODE,
     authz_res,

@@ -17,8 +17,8 @@ from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2
 from eztunnel_plugin.pb.istio.security import authorization_pb2 as authz_pb
 from eztunnel_plugin.pb.istio.workload import workload_pb2 as wl_pb
 from eztunnel_plugin.reconciler import MemorySink, Reconciler
-from eztunnel_plugin.workload_state import ADDRESS_TYPE, AUTHORIZATION_TYPE, WorkloadState
-from eztunnel_plugin.xds_client import XdsClient, XdsConfig
+from eztunnel_plugin.state.workloads import ADDRESS_TYPE, AUTHORIZATION_TYPE, WorkloadState
+from eztunnel_plugin.xds.client import XdsClient, XdsConfig
 
 NODE = "node-1"
 NODE_ID = "ztunnel~10.1.2.3~ztunnel-abc.istio-system~istio-system.svc.cluster.local"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from eztunnel_plugin import bpfsys, dataplane
+from eztunnel_plugin.bpf import dataplane, syscalls
 
 CLONE_NEWNET = 0x40000000
 BPFFS_ROOT = Path("/sys/fs/bpf")
@@ -96,7 +96,7 @@ def _enter(netns: Path, cgroup: Path) -> None:
     """Runs in the child between fork and exec: join the cgroup, then the netns."""
     (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     fd = os.open(netns, os.O_RDONLY)
-    if bpfsys.libc().setns(fd, CLONE_NEWNET) != 0:
+    if syscalls.libc().setns(fd, CLONE_NEWNET) != 0:
         os._exit(121)
     os.close(fd)
 

@@ -37,7 +37,7 @@ import yaml
 
 from eztunnel_lab import counters, inpod, netlab, simmark, simpki, standin, traffic
 from eztunnel_lab.netlab import Lab, Managed, Pod
-from eztunnel_plugin import dataplane
+from eztunnel_plugin.bpf import dataplane
 
 PY = sys.executable
 AGENT_API = "127.0.0.1:15081"

@@ -11,7 +11,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from eztunnel_plugin import bpfsys
+from eztunnel_plugin.bpf import syscalls
 
 CGROUP_INET_SOCK_CREATE = 2  # enum bpf_attach_type BPF_CGROUP_INET_SOCK_CREATE
 PROG_NAME = "ez_simmark"
@@ -31,10 +31,10 @@ def attach(cgroup: Path) -> int:
     obj = pylibbpf.BpfObject(str(object_path()))
     obj.load()
     try:
-        prog_fd = bpfsys.own_prog_fds()[PROG_NAME]
+        prog_fd = syscalls.own_prog_fds()[PROG_NAME]
         cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            return bpfsys.link_create(prog_fd, cg_fd, CGROUP_INET_SOCK_CREATE)
+            return syscalls.link_create(prog_fd, cg_fd, CGROUP_INET_SOCK_CREATE)
         finally:
             os.close(cg_fd)
     finally:
@@ -43,6 +43,6 @@ def attach(cgroup: Path) -> int:
 
 def detach(link_fd: int) -> None:
     with contextlib.suppress(OSError):
-        bpfsys.link_detach(link_fd)
+        syscalls.link_detach(link_fd)
     with contextlib.suppress(OSError):
         os.close(link_fd)

@@ -15,15 +15,17 @@ import signal
 import time
 from dataclasses import dataclass
 
-from eztunnel_plugin import __version__, admin, api, bpfsys, dataplane, log, metrics
+from eztunnel_plugin import __version__, log
 from eztunnel_plugin.aio import cancel_all
-from eztunnel_plugin.api import ApiServer, Reader
+from eztunnel_plugin.api import admin, inspector, metrics
+from eztunnel_plugin.api.inspector import ApiServer, Reader
+from eztunnel_plugin.bpf import dataplane, syscalls
 from eztunnel_plugin.config import AgentConfig
 from eztunnel_plugin.endpoints_file import StaticEndpoints
 from eztunnel_plugin.events import EventBus
 from eztunnel_plugin.reconciler import EndpointSink, Reconciler
-from eztunnel_plugin.workload_state import WorkloadState, local_endpoint_ips
-from eztunnel_plugin.xds_client import XdsClient
+from eztunnel_plugin.state.workloads import WorkloadState, local_endpoint_ips
+from eztunnel_plugin.xds.client import XdsClient
 
 _log = log.get(__name__)
 
@@ -105,7 +107,7 @@ class Agent:
             self.dp.set_capture_ports(cfg.capture_ports)
         self.dp.set_backlog_limit(cfg.backlog_limit)
         self.events.publish("dataplane.ready", reused=self.dp.reused, bpffs=cfg.bpffs)
-        self._api = await api.start(self, cfg.grpc_listen)
+        self._api = await inspector.start(self, cfg.grpc_listen)
         tasks: list[asyncio.Task[None]] = []
         metrics_server = None
         admin_server = None
@@ -180,7 +182,7 @@ M_ARENA_MAX = -8
 
 def release_memory() -> None:
     """Give freed heap back to the kernel (glibc keeps it otherwise)."""
-    bpfsys.libc().malloc_trim(0)
+    syscalls.libc().malloc_trim(0)
 
 
 async def _trim_periodically(interval: float = 30.0) -> None:
@@ -191,7 +193,7 @@ async def _trim_periodically(interval: float = 30.0) -> None:
 
 def main(cfg: AgentConfig) -> int:
     # Fewer malloc arenas for gRPC's threads: less memory held per thread.
-    bpfsys.libc().mallopt(M_ARENA_MAX, 2)
+    syscalls.libc().mallopt(M_ARENA_MAX, 2)
 
     async def _main() -> int:
         stop = asyncio.Event()

@@ -8,7 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from eztunnel_plugin import __version__, dataplane, log
+from eztunnel_plugin import __version__, log
+from eztunnel_plugin.bpf import dataplane
 
 PROG = "eztunnel-plugin"
 
@@ -65,7 +66,8 @@ def _client(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from eztunnel_plugin import admin, config
+    from eztunnel_plugin import config
+    from eztunnel_plugin.api import admin
 
     p = argparse.ArgumentParser(
         prog=PROG, description="Kernel socket splicing beside Istio ambient's ztunnel."

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from eztunnel_plugin import admin, bpfsys, dataplane, endpoints_file, layout
-from eztunnel_plugin.xds_client import (
+from eztunnel_plugin import endpoints_file
+from eztunnel_plugin.api import admin
+from eztunnel_plugin.bpf import dataplane, layout, syscalls
+from eztunnel_plugin.xds.client import (
     STATIC_TOKEN_PREFIX,
     ConnectError,
     XdsConfig,
@@ -77,7 +79,7 @@ def check_cgroup2(setting: str, path: Path) -> None:
     if not path.is_dir():
         raise ConfigError(setting, f"{path} is not a directory")
     buf = ctypes.create_string_buffer(120)  # struct statfs; f_type comes first
-    if bpfsys.libc().statfs(os.fsencode(path), buf) != 0:
+    if syscalls.libc().statfs(os.fsencode(path), buf) != 0:
         raise ConfigError(setting, f"cannot statfs {path}: {os.strerror(ctypes.get_errno())}")
     if struct.unpack_from("=q", buf, 0)[0] != CGROUP2_SUPER_MAGIC:
         raise ConfigError(setting, f"{path} is not a cgroup v2 directory (filesystem type cgroup2)")

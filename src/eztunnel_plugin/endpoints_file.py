@@ -24,8 +24,9 @@ from typing import Any, Final
 
 import yaml
 
-from eztunnel_plugin import addr, layout, log
-from eztunnel_plugin.workload_state import Snapshot
+from eztunnel_plugin import addr, log
+from eztunnel_plugin.bpf import layout
+from eztunnel_plugin.state.workloads import Snapshot
 
 _log = log.get(__name__)
 

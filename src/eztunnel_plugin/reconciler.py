@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Final, Protocol
 
-from eztunnel_plugin import addr, layout, log
-from eztunnel_plugin.workload_state import Snapshot
+from eztunnel_plugin import addr, log
+from eztunnel_plugin.bpf import layout
+from eztunnel_plugin.state.workloads import Snapshot
 
 EZ_EP_ENROLLED: Final = layout.EP_ENROLLED  # bpf/eztunnel.h enum ez_endpoint_flags
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eztunnel_lab.netlab import Lab, Pod, run
-from eztunnel_plugin import dataplane, layout
+from eztunnel_plugin.bpf import dataplane, layout
 
 from .sockd import SockD
 

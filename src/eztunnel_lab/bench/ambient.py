@@ -28,7 +28,7 @@ from eztunnel_lab.measure import (
     start_servers,
 )
 from eztunnel_lab.sim import AmbientNode
-from eztunnel_plugin import bpfsys, layout
+from eztunnel_plugin.bpf import layout, syscalls
 
 
 def spliced_percent(side: Side) -> float:
@@ -49,7 +49,7 @@ def bpf_map_memory_mb(node: AmbientNode) -> float:
     """memlock of every pinned map of the agent (what the kernel charges for them)."""
     total = 0
     for name in layout.MAPS:
-        fd = bpfsys.obj_get(node.lab.bpffs / name)
+        fd = syscalls.obj_get(node.lab.bpffs / name)
         try:
             for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
                 if line.startswith("memlock:"):

@@ -12,7 +12,7 @@ from eztunnel_lab import counters, netlab
 from eztunnel_lab.bench.metric import Metric
 from eztunnel_lab.measure import iperf3_client, sockperf, spawn_servers
 from eztunnel_lab.netlab import Lab, Pod
-from eztunnel_plugin import dataplane, layout
+from eztunnel_plugin.bpf import dataplane, layout
 
 
 def iperf3(lab: Lab, pod: Pod, cgroup: Path, host: str, port: int, seconds: int) -> float:

@@ -23,14 +23,15 @@ from typing import Any
 from eztunnel_lab.bench.metric import Metric
 from eztunnel_lab.fake_istiod import FakeIstiod, authorization_resource, workload_resource
 from eztunnel_lab.netlab import Lab  # a private cgroup and bpffs dir for the agent
-from eztunnel_plugin import dataplane, log
+from eztunnel_plugin import log
 from eztunnel_plugin.aio import cancel_all
+from eztunnel_plugin.bpf import dataplane
 from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2
 from eztunnel_plugin.pb.istio.security import authorization_pb2 as authz_pb
 from eztunnel_plugin.pb.istio.workload import workload_pb2 as wl_pb
 from eztunnel_plugin.reconciler import EndpointSink, MemorySink, Reconciler
-from eztunnel_plugin.workload_state import ADDRESS_TYPE, AUTHORIZATION_TYPE, WorkloadState
-from eztunnel_plugin.xds_client import XdsClient, XdsConfig
+from eztunnel_plugin.state.workloads import ADDRESS_TYPE, AUTHORIZATION_TYPE, WorkloadState
+from eztunnel_plugin.xds.client import XdsClient, XdsConfig
 
 NODE = "bench-node"
 

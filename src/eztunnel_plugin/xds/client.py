@@ -29,7 +29,7 @@ from google.protobuf import struct_pb2
 from eztunnel_plugin import log
 from eztunnel_plugin.pb.envoy.config.core.v3 import base_pb2
 from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2, discovery_pb2_grpc
-from eztunnel_plugin.workload_state import SUBSCRIBED_TYPES, WorkloadState
+from eztunnel_plugin.state.workloads import SUBSCRIBED_TYPES, WorkloadState
 
 _log = log.get(__name__)
 

@@ -23,7 +23,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from eztunnel_plugin import bpfsys, dataplane, layout, log
+from eztunnel_plugin import log
+from eztunnel_plugin.bpf import dataplane, layout, syscalls
 from eztunnel_plugin.config import Listen
 from eztunnel_plugin.pb.eztunnel.v1 import inspector_pb2 as pb
 from eztunnel_plugin.pb.eztunnel.v1 import inspector_pb2_grpc as pb_grpc
@@ -95,8 +96,8 @@ def read_flow_page(
     while cursor is not None and len(flows) < size and scanned < MAX_SCAN:
         want = size - len(flows)
         try:
-            entries, after = bpfsys.map_lookup_batch(fd, 8, vsize, cursor, want)
-        except bpfsys.BpfError as e:
+            entries, after = syscalls.map_lookup_batch(fd, 8, vsize, cursor, want)
+        except syscalls.BpfError as e:
             if e.errno != errno.ENOSPC:
                 raise
             if flows:
@@ -108,7 +109,7 @@ def read_flow_page(
             info = layout.SockInfo.from_buffer_copy(raw)
             if not info.active or info.rule == layout.Rule.NONE:
                 continue
-            peer = bpfsys.map_lookup(fd, struct.pack("=Q", info.peer_cookie), vsize)
+            peer = syscalls.map_lookup(fd, struct.pack("=Q", info.peer_cookie), vsize)
             if peer is None:
                 continue
             (cookie,) = struct.unpack("=Q", key)
@@ -125,11 +126,11 @@ def _whole_bucket(
     while count < layout.MAX_SOCKETS:
         count *= 2
         try:
-            return bpfsys.map_lookup_batch(fd, 8, vsize, bucket, count)
-        except bpfsys.BpfError as e:
+            return syscalls.map_lookup_batch(fd, 8, vsize, bucket, count)
+        except syscalls.BpfError as e:
             if e.errno != errno.ENOSPC:
                 raise
-    return bpfsys.map_lookup_batch(fd, 8, vsize, bucket, layout.MAX_SOCKETS)
+    return syscalls.map_lookup_batch(fd, 8, vsize, bucket, layout.MAX_SOCKETS)
 
 
 def encode_token(bucket: int) -> str:

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from eztunnel_plugin import bpfsys, layout, log
+from eztunnel_plugin import log
+from eztunnel_plugin.bpf import layout, syscalls
 
 DEFAULT_BPFFS = Path("/sys/fs/bpf/eztunnel")
 BPFFS_MAGIC = 0xCAFE4A11
@@ -77,7 +78,7 @@ def cgroup2_root(mountinfo: str | None = None) -> Path:
 
 def _is_bpffs(path: Path) -> bool:
     buf = ctypes.create_string_buffer(120)
-    libc = bpfsys.libc()
+    libc = syscalls.libc()
     if libc.statfs(os.fsencode(path), buf) != 0:
         return False
     return bool(struct.unpack_from("=q", buf, 0)[0] == BPFFS_MAGIC)
@@ -125,8 +126,8 @@ class EndpointMap:
 
     def read_all(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for key in bpfsys.map_keys(self._fd, ctypes.sizeof(layout.Addr)):
-            raw = bpfsys.map_lookup(self._fd, key, ctypes.sizeof(layout.Endpoint))
+        for key in syscalls.map_keys(self._fd, ctypes.sizeof(layout.Addr)):
+            raw = syscalls.map_lookup(self._fd, key, ctypes.sizeof(layout.Endpoint))
             if raw is not None:
                 ip = layout.Addr.from_buffer_copy(key).ip()
                 out[str(ip)] = layout.Endpoint.from_buffer_copy(raw).flags
@@ -134,8 +135,8 @@ class EndpointMap:
 
     def put(self, ip: str, flags: int) -> None:
         try:
-            bpfsys.map_update(self._fd, bytes(layout.Addr.of(ip)), bytes(layout.Endpoint(flags)))
-        except bpfsys.BpfError as e:
+            syscalls.map_update(self._fd, bytes(layout.Addr.of(ip)), bytes(layout.Endpoint(flags)))
+        except syscalls.BpfError as e:
             if e.errno == errno.E2BIG:
                 raise DataplaneError(
                     f"endpoint map is full ({layout.MAX_ENDPOINTS} entries); {ip} not added"
@@ -143,7 +144,7 @@ class EndpointMap:
             raise
 
     def delete(self, ip: str) -> None:
-        bpfsys.map_delete(self._fd, bytes(layout.Addr.of(ip)))
+        syscalls.map_delete(self._fd, bytes(layout.Addr.of(ip)))
 
 
 @dataclass
@@ -205,7 +206,7 @@ class Dataplane:
         """Open existing pins read-write without touching attachments."""
         if not (bpffs / "ez_config").exists():
             raise DataplaneError(f"no eztunnel data plane is pinned under {bpffs}")
-        maps = {name: bpfsys.obj_get(bpffs / name) for name in layout.MAPS}
+        maps = {name: syscalls.obj_get(bpffs / name) for name in layout.MAPS}
         dp = cls(bpffs, maps, reused=True)
         try:
             dp._check_layout()
@@ -218,7 +219,7 @@ class Dataplane:
     def _reuse(cls, bpffs: Path, cgroup: Path, expected: set[str]) -> Dataplane:
         dp = cls.open(bpffs)
         try:
-            dp.links = {name: bpfsys.obj_get(bpffs / name) for name in expected}
+            dp.links = {name: syscalls.obj_get(bpffs / name) for name in expected}
             _check_cgroup(bpffs, cgroup)
         except BaseException:
             dp.close()
@@ -252,7 +253,7 @@ class Dataplane:
         cls,
         bpffs: Path,
         cgroup: Path,
-        loaded: bpfsys.LoadedObject,
+        loaded: syscalls.LoadedObject,
         capture_ports: tuple[int, ...],
         skb_verdict: bool,
         enabled: bool = True,
@@ -268,30 +269,30 @@ class Dataplane:
         switched = None
         try:
             for name, fd in maps.items():
-                bpfsys.obj_pin(fd, bpffs / name)
+                syscalls.obj_pin(fd, bpffs / name)
                 pinned.append(name)
             cfg = layout.Config(int(enabled), layout.LAYOUT_VERSION, layout.DEFAULT_BACKLOG_LIMIT)
             dp._write_config(cfg)
             dp.set_capture_ports(capture_ports)
             for key, value in endpoints or []:
-                bpfsys.map_update(maps["ez_endpoints"], key, value)
+                syscalls.map_update(maps["ez_endpoints"], key, value)
             # sk_msg (and the optional verdict) first: a socket takes the map's
             # programs when it is added, and sockops adds sockets.
             pinned += [LINK_MSG, PROG_PINS[LINK_MSG]]
-            dp._attach(LINK_MSG, progs["ez_msg"], maps["ez_socks"], bpfsys.SK_MSG_VERDICT)
+            dp._attach(LINK_MSG, progs["ez_msg"], maps["ez_socks"], syscalls.SK_MSG_VERDICT)
             if skb_verdict:
-                verdict = bpfsys.SK_SKB_STREAM_VERDICT
+                verdict = syscalls.SK_SKB_STREAM_VERDICT
                 pinned += [LINK_SKB, PROG_PINS[LINK_SKB]]
                 dp._attach(LINK_SKB, progs["ez_skb_verdict"], maps["ez_socks"], verdict)
             if (bpffs / LINK_SOCKOPS).exists():
-                uses = {bpfsys.map_info(fd).id for fd in maps.values()}
+                uses = {syscalls.map_info(fd).id for fd in maps.values()}
                 switched = _switch(bpffs, LINK_SOCKOPS, progs["ez_sockops"], uses)
-                dp.links[LINK_SOCKOPS] = bpfsys.obj_get(bpffs / LINK_SOCKOPS)
+                dp.links[LINK_SOCKOPS] = syscalls.obj_get(bpffs / LINK_SOCKOPS)
             else:
                 cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     pinned += [LINK_SOCKOPS, PROG_PINS[LINK_SOCKOPS]]
-                    sockops = bpfsys.CGROUP_SOCK_OPS
+                    sockops = syscalls.CGROUP_SOCK_OPS
                     dp._attach(LINK_SOCKOPS, progs["ez_sockops"], cg_fd, sockops)
                 finally:
                     os.close(cg_fd)
@@ -302,10 +303,10 @@ class Dataplane:
         return dp, switched
 
     def _attach(self, name: str, prog_fd: int, target_fd: int, attach_type: int) -> None:
-        fd = bpfsys.link_create(prog_fd, target_fd, attach_type)
+        fd = syscalls.link_create(prog_fd, target_fd, attach_type)
         self.links[name] = fd
-        bpfsys.obj_pin(fd, self.bpffs / name)
-        bpfsys.obj_pin(prog_fd, self.bpffs / PROG_PINS[name])
+        syscalls.obj_pin(fd, self.bpffs / name)
+        syscalls.obj_pin(prog_fd, self.bpffs / PROG_PINS[name])
 
     def _check_layout(self) -> None:
         problem = _sizes_problem(self.maps)
@@ -338,12 +339,12 @@ class Dataplane:
     # ---- configuration -----------------------------------------------------
 
     def config(self) -> layout.Config:
-        raw = bpfsys.map_lookup(self.maps["ez_config"], bytes(4), ctypes.sizeof(layout.Config))
+        raw = syscalls.map_lookup(self.maps["ez_config"], bytes(4), ctypes.sizeof(layout.Config))
         assert raw is not None  # array maps always hold index 0
         return layout.Config.from_buffer_copy(raw)
 
     def _write_config(self, cfg: layout.Config) -> None:
-        bpfsys.map_update(self.maps["ez_config"], bytes(4), bytes(cfg))
+        syscalls.map_update(self.maps["ez_config"], bytes(4), bytes(cfg))
 
     def set_enabled(self, enabled: bool) -> None:
         """The kill switch: off passes every byte through TCP and pairs nothing new."""
@@ -373,7 +374,7 @@ class Dataplane:
         return bool(self.config().enabled)
 
     def capture_ports(self) -> list[int]:
-        keys = bpfsys.map_keys(self.maps["ez_ports"], 4)
+        keys = syscalls.map_keys(self.maps["ez_ports"], 4)
         return sorted(struct.unpack("=I", k)[0] for k in keys)
 
     def set_capture_ports(self, ports: tuple[int, ...]) -> None:
@@ -382,9 +383,9 @@ class Dataplane:
             raise DataplaneError(f"invalid capture ports {list(ports)}")
         fd = self.maps["ez_ports"]
         for old in set(self.capture_ports()) - set(ports):
-            bpfsys.map_delete(fd, struct.pack("=I", old))
+            syscalls.map_delete(fd, struct.pack("=I", old))
         for port in ports:
-            bpfsys.map_update(fd, struct.pack("=I", port), struct.pack("=I", 1))
+            syscalls.map_update(fd, struct.pack("=I", port), struct.pack("=I", 1))
 
     @property
     def endpoints(self) -> EndpointMap:
@@ -397,7 +398,7 @@ class Dataplane:
         fd = self.maps["ez_counters"]
         out: dict[str, int] = {}
         for c in layout.Counter:
-            slots = bpfsys.percpu_lookup(fd, struct.pack("=I", c.value), 8)
+            slots = syscalls.percpu_lookup(fd, struct.pack("=I", c.value), 8)
             out[c.name.lower()] = sum(struct.unpack("=Q", s)[0] for s in slots)
         return out
 
@@ -405,8 +406,8 @@ class Dataplane:
         fd = self.maps["ez_sockinfo"]
         size = ctypes.sizeof(layout.SockInfo)
         out: dict[int, layout.SockInfo] = {}
-        for key in bpfsys.map_keys(fd, 8, limit=layout.MAX_SOCKETS):
-            raw = bpfsys.map_lookup(fd, key, size)
+        for key in syscalls.map_keys(fd, 8, limit=layout.MAX_SOCKETS):
+            raw = syscalls.map_lookup(fd, key, size)
             if raw is not None:
                 out[struct.unpack("=Q", key)[0]] = layout.SockInfo.from_buffer_copy(raw)
         return out
@@ -416,8 +417,8 @@ class Dataplane:
         socks = self.sockets()
         return list(_pairs(socks))
 
-    def attachments(self) -> dict[str, bpfsys.LinkInfo]:
-        return {name: bpfsys.link_info(fd) for name, fd in self.links.items()}
+    def attachments(self) -> dict[str, syscalls.LinkInfo]:
+        return {name: syscalls.link_info(fd) for name, fd in self.links.items()}
 
 
 def _pairs(socks: dict[int, layout.SockInfo]) -> Iterator[Flow]:
@@ -576,14 +577,14 @@ def _locked(bpffs: Path, wait: float = _LOCK_WAIT) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _pin_fd(path: Path) -> Iterator[int]:
-    fd = bpfsys.obj_get(path)
+    fd = syscalls.obj_get(path)
     try:
         yield fd
     finally:
         os.close(fd)
 
 
-def _is_missing(e: bpfsys.BpfError) -> bool:
+def _is_missing(e: syscalls.BpfError) -> bool:
     return e.errno == errno.ENOENT
 
 
@@ -591,10 +592,10 @@ def _config_head(path: Path) -> tuple[int, int, bytes]:
     """(enabled, layout_version, raw value) of any generation's ez_config: every layout's
     config starts with these two u32 fields."""
     with _pin_fd(path) as fd:
-        info = bpfsys.map_info(fd)
+        info = syscalls.map_info(fd)
         raw = None
         if info.key_size == 4 and info.value_size >= 8:
-            raw = bpfsys.map_lookup(fd, bytes(4), info.value_size)
+            raw = syscalls.map_lookup(fd, bytes(4), info.value_size)
     if raw is None:
         raise DataplaneError(f"{path} is not an eztunnel config map")
     enabled, version = struct.unpack_from("=II", raw)
@@ -605,8 +606,8 @@ def _write_enabled(path: Path, enabled: bool) -> None:
     try:
         _, _, raw = _config_head(path)
         with _pin_fd(path) as fd:
-            bpfsys.map_update(fd, bytes(4), struct.pack("=I", int(enabled)) + raw[4:])
-    except bpfsys.BpfError as e:
+            syscalls.map_update(fd, bytes(4), struct.pack("=I", int(enabled)) + raw[4:])
+    except syscalls.BpfError as e:
         if _is_missing(e):
             raise FileNotFoundError(errno.ENOENT, "no config pinned", str(path)) from e
         raise
@@ -614,7 +615,7 @@ def _write_enabled(path: Path, enabled: bool) -> None:
 
 def _sockhash_sockets(path: Path, limit: int = layout.MAX_SOCKETS) -> int:
     with _pin_fd(path) as fd:
-        return len(bpfsys.map_keys(fd, bpfsys.map_info(fd).key_size, limit=limit))
+        return len(syscalls.map_keys(fd, syscalls.map_info(fd).key_size, limit=limit))
 
 
 def _live_sockets(gen: Path, current: bool) -> int:
@@ -630,8 +631,8 @@ def _live_sockets(gen: Path, current: bool) -> int:
 def _detach(path: Path) -> None:
     with _pin_fd(path) as fd:
         try:
-            bpfsys.link_detach(fd)
-        except bpfsys.BpfError as e:
+            syscalls.link_detach(fd)
+        except syscalls.BpfError as e:
             if e.errno not in (errno.ENOLINK, errno.EINVAL):
                 raise
 
@@ -680,7 +681,7 @@ def _retire_drained(bpffs: Path) -> list[str]:
 
 def _check_cgroup(bpffs: Path, cgroup: Path) -> None:
     with _pin_fd(bpffs / LINK_SOCKOPS) as fd:
-        attached = bpfsys.link_info(fd).target_id
+        attached = syscalls.link_info(fd).target_id
     cg_id = os.stat(cgroup).st_ino
     if attached != cg_id:
         raise DataplaneError(
@@ -692,7 +693,7 @@ def _check_cgroup(bpffs: Path, cgroup: Path) -> None:
 def _sizes_problem(maps: dict[str, int]) -> str:
     """'' when every map has this build's key/value sizes, else what differs."""
     for name, (key, value) in layout.MAPS.items():
-        info = bpfsys.map_info(maps[name])
+        info = syscalls.map_info(maps[name])
         want = (layout.size_of(key), layout.size_of(value))
         if (info.key_size, info.value_size) != want:
             return (
@@ -702,10 +703,10 @@ def _sizes_problem(maps: dict[str, int]) -> str:
     return ""
 
 
-def _load(obj: Path, reuse: dict[str, int]) -> bpfsys.LoadedObject:
+def _load(obj: Path, reuse: dict[str, int]) -> syscalls.LoadedObject:
     try:
-        return bpfsys.load_object(obj, reuse)
-    except bpfsys.LoadError as e:
+        return syscalls.load_object(obj, reuse)
+    except syscalls.LoadError as e:
         raise DataplaneError(f"loading {obj} failed: {e}") from e
 
 
@@ -714,12 +715,12 @@ def _attached_prog(bpffs: Path, link: str, prog_id: int) -> int | None:
     generations); None when no pin holds it (pins made before program pins existed)."""
     for gen in [bpffs, *old_generations(bpffs)]:
         try:
-            fd = bpfsys.obj_get(gen / PROG_PINS[link])
-        except bpfsys.BpfError as e:
+            fd = syscalls.obj_get(gen / PROG_PINS[link])
+        except syscalls.BpfError as e:
             if _is_missing(e):
                 continue
             raise
-        if bpfsys.prog_info(fd).id == prog_id:
+        if syscalls.prog_info(fd).id == prog_id:
             return fd
         os.close(fd)
     return None
@@ -730,21 +731,21 @@ def _switch(bpffs: Path, link: str, new_fd: int, uses: set[int]) -> dict[str, st
     runs the same code (equal tag) on the maps `new_fd` uses among `uses`. Returns what
     changed, or None."""
     with _pin_fd(bpffs / link) as link_fd:
-        attached = bpfsys.link_info(link_fd).prog_id
+        attached = syscalls.link_info(link_fd).prog_id
         cur_fd = _attached_prog(bpffs, link, attached)
         try:
-            new = bpfsys.prog_info(new_fd)
-            wanted = set(bpfsys.prog_map_ids(new_fd)) & uses
+            new = syscalls.prog_info(new_fd)
+            wanted = set(syscalls.prog_map_ids(new_fd)) & uses
             old_tag = "unknown"
             if cur_fd is not None:
-                old_tag = bpfsys.prog_info(cur_fd).tag
-                if old_tag == new.tag and wanted <= set(bpfsys.prog_map_ids(cur_fd)):
+                old_tag = syscalls.prog_info(cur_fd).tag
+                if old_tag == new.tag and wanted <= set(syscalls.prog_map_ids(cur_fd)):
                     return None
             try:
                 # With the old program known, the kernel refuses (EPERM) if someone
                 # switched the link meanwhile instead of silently overwriting it.
-                bpfsys.link_update(link_fd, new_fd, cur_fd)
-            except bpfsys.BpfError as e:
+                syscalls.link_update(link_fd, new_fd, cur_fd)
+            except syscalls.BpfError as e:
                 if e.errno == errno.EPERM and cur_fd is not None:
                     raise DataplaneError(
                         f"{bpffs / link} was switched to another program during this upgrade "
@@ -768,7 +769,7 @@ def _pin_replace(fd: int, bpffs: Path, name: str) -> None:
     """Pin `fd` as bpffs/name in one rename, replacing what was there."""
     pending = bpffs / _PENDING
     pending.mkdir(mode=0o700, exist_ok=True)
-    bpfsys.obj_pin(fd, pending / name)
+    syscalls.obj_pin(fd, pending / name)
     os.rename(pending / name, bpffs / name)
     pending.rmdir()
 
@@ -776,17 +777,17 @@ def _pin_replace(fd: int, bpffs: Path, name: str) -> None:
 def _update_programs(bpffs: Path, obj: Path, pins: set[str]) -> list[dict[str, str | int]]:
     """Same layout: load the object on the pinned maps and swap each link whose program
     differs. Map programs first (a socket takes them when it joins the sockhash)."""
-    maps = {name: bpfsys.obj_get(bpffs / name) for name in layout.MAPS}
+    maps = {name: syscalls.obj_get(bpffs / name) for name in layout.MAPS}
     try:
         try:
-            loaded = bpfsys.load_object(obj, maps)
-        except bpfsys.LoadError as e:
+            loaded = syscalls.load_object(obj, maps)
+        except syscalls.LoadError as e:
             raise DataplaneError(
                 f"{obj} cannot run on the maps pinned under {bpffs}: {e}; its layout changed "
                 "without a new EZ_LAYOUT_VERSION (bpf/eztunnel.h), which a migration needs"
             ) from e
         try:
-            pinned_ids = {bpfsys.map_info(fd).id for fd in maps.values()}
+            pinned_ids = {syscalls.map_info(fd).id for fd in maps.values()}
             changes = []
             for link in (LINK_MSG, LINK_SKB, LINK_SOCKOPS):
                 if link in pins:
@@ -807,11 +808,11 @@ def _endpoints_to_carry(path: Path) -> list[tuple[bytes, bytes]]:
     key_size, value_size = ctypes.sizeof(layout.Addr), ctypes.sizeof(layout.Endpoint)
     out: list[tuple[bytes, bytes]] = []
     with _pin_fd(path) as fd:
-        info = bpfsys.map_info(fd)
+        info = syscalls.map_info(fd)
         if (info.key_size, info.value_size) != (key_size, value_size):
             return out
-        for key in bpfsys.map_keys(fd, key_size, limit=layout.MAX_ENDPOINTS):
-            value = bpfsys.map_lookup(fd, key, value_size)
+        for key in syscalls.map_keys(fd, key_size, limit=layout.MAX_ENDPOINTS):
+            value = syscalls.map_lookup(fd, key, value_size)
             if value is not None:
                 out.append((key, value))
     return out
@@ -821,7 +822,7 @@ def _park(bpffs: Path, old_version: int) -> str:
     """Move the top generation (all but link_sockops) into old-v<layout>-m<sockhash id>/:
     hard links made in a parking directory, one rename, then the top names go."""
     with _pin_fd(bpffs / "ez_socks") as fd:
-        socks_id = bpfsys.map_info(fd).id
+        socks_id = syscalls.map_info(fd).id
     name = f"{OLD_PREFIX}v{old_version}-m{socks_id}"
     target = bpffs / name
     moving = _pins(bpffs) - {LINK_SOCKOPS}
@@ -868,16 +869,16 @@ def _served_generation(bpffs: Path) -> Path | None:
     if not (bpffs / LINK_SOCKOPS).exists():
         return None
     with _pin_fd(bpffs / LINK_SOCKOPS) as fd:
-        prog_fd = _attached_prog(bpffs, LINK_SOCKOPS, bpfsys.link_info(fd).prog_id)
+        prog_fd = _attached_prog(bpffs, LINK_SOCKOPS, syscalls.link_info(fd).prog_id)
     if prog_fd is None:
         return None
     try:
-        uses = set(bpfsys.prog_map_ids(prog_fd))
+        uses = set(syscalls.prog_map_ids(prog_fd))
     finally:
         os.close(prog_fd)
     for gen in old_generations(bpffs):
         with contextlib.suppress(OSError), _pin_fd(gen / "ez_socks") as socks:
-            if bpfsys.map_info(socks).id in uses:
+            if syscalls.map_info(socks).id in uses:
                 return gen
     return None
 
@@ -986,7 +987,7 @@ def _prepare_in_child(
     skb_verdict: bool,
 ) -> Prepared:
     ports = ",".join(map(str, capture_ports))
-    argv = [sys.executable, "-m", "eztunnel_plugin.dataplane", str(bpffs), str(cgroup), ports,
+    argv = [sys.executable, "-m", "eztunnel_plugin.bpf.dataplane", str(bpffs), str(cgroup), ports,
             str(obj or ""), "1" if skb_verdict else "0"]  # fmt: skip
     try:
         proc = subprocess.run(

@@ -12,7 +12,7 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from eztunnel_plugin import log
-from eztunnel_plugin.api import ReaderBusy, addresses_refused
+from eztunnel_plugin.api.inspector import ReaderBusy, addresses_refused
 from eztunnel_plugin.config import Listen
 
 if TYPE_CHECKING:

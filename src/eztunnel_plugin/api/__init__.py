@@ -1,0 +1,1 @@
+"""What the agent serves: the gRPC Inspector, the admin socket, metrics."""

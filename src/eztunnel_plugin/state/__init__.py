@@ -1,0 +1,1 @@
+"""What the agent knows of the mesh: workloads and policies, nothing of the wire."""
