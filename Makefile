@@ -10,10 +10,17 @@ PKG := src/eztunnel_plugin
 LAB := src/eztunnel_lab
 BPF_OBJ := $(PKG)/data/eztunnel.bpf.o
 SIMMARK_OBJ := $(LAB)/data/simmark.bpf.o
+# The lab's HBONE stand-in for ztunnel (Rust, lab/hbone), built offline from Debian's crates
+# with Debian's toolchain (never a rustup one that may be first on PATH).
+HBONE_BIN := $(LAB)/data/eztunnel-hbone
+HBONE_SRC := $(wildcard lab/hbone/src/*.rs) lab/hbone/Cargo.toml lab/hbone/.cargo/config.toml
+HBONE_CARGO := env RUSTC=/usr/bin/rustc CARGO_TARGET_DIR=$(CURDIR)/build/hbone /usr/bin/cargo
 VMLINUX := bpf/vmlinux.h
 STAMP := build/stamps
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 iptables iperf3 sockperf \
-	nginx-light haproxy socat curl openssl
+	nginx-light haproxy socat curl openssl \
+	cargo rustc librust-tokio-dev librust-h2-dev librust-http-dev librust-bytes-dev \
+	librust-tokio-rustls-dev librust-rustls-pemfile-dev librust-libc-dev librust-socket2-dev
 # npm comes with NodeSource's nodejs on some images (it conflicts with Debian's npm).
 NPM_PACKAGES := $(if $(shell command -v npm),,nodejs npm)
 PROTOS := $(shell find proto -name '*.proto' 2>/dev/null)
@@ -81,7 +88,12 @@ $(PROTO_STAMP): $(PROTOS) tools/gen_pb.py $(STAMP)/venv
 	$(PY) tools/gen_pb.py proto $(PKG)/pb
 	@touch $@
 
-build: deps $(BPF_OBJ) $(SIMMARK_OBJ) $(PROTO_STAMP)
+$(HBONE_BIN): $(HBONE_SRC) $(STAMP)/apt
+	@mkdir -p $(dir $@)
+	cd lab/hbone && $(HBONE_CARGO) build --release --quiet
+	install -m 0755 build/hbone/release/eztunnel-hbone $@
+
+build: deps $(BPF_OBJ) $(SIMMARK_OBJ) $(HBONE_BIN) $(PROTO_STAMP)
 
 # --- checks -------------------------------------------------------------------
 lint: build

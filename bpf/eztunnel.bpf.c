@@ -8,7 +8,9 @@
  * connection hold the same two sequence numbers; NAT never rewrites them). sk_msg
  * redirects each message of a paired socket into its peer's receive queue. A
  * socket is redirected from its first byte or never (states change only by
- * compare-and-swap, see enum ez_sock_state), so bytes never reorder.
+ * compare-and-swap, see enum ez_sock_state), so bytes never reorder. A direction
+ * whose reader lags goes to TCP and back to redirecting once that is proven safe
+ * (docs/dataplane.md, "Resumable splice").
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -114,6 +116,8 @@ struct ez_btf_anchor {
 	enum ez_layout layout;
 	enum ez_limits limits;
 	enum ez_sock_state state;
+	enum ez_sock_flags sock_flags;
+	enum ez_config_flags config_flags;
 	enum ez_rule rule;
 	enum ez_index_kind kind;
 	enum ez_counter counter;
@@ -360,18 +364,31 @@ static __always_inline void taint_now(struct ez_sock_info *info)
 	if (old == EZ_TAINTED)
 		return;
 	info->tainted_ns = bpf_ktime_get_ns();
-	if (old == EZ_PAIRED)
+	if (old == EZ_PAIRED || old == EZ_TCP_PAIRED)
 		count(EZ_CNT_TAINTED, 1);
 }
 
+/* A paired direction, redirecting or in a TCP phase, to TCP for good. */
 static __always_inline void taint(struct ez_sock_info *info)
 {
-	if (taint_from(info, EZ_PAIRED))
+	if (taint_from(info, EZ_PAIRED) || taint_from(info, EZ_TCP_PAIRED))
 		count(EZ_CNT_TAINTED, 1);
 }
 
-/* sk_user_data carries flag bits below the psock pointer (SK_USER_DATA_PTRMASK). */
+/* sk_user_data carries flag bits below the psock pointer (SK_USER_DATA_PTRMASK); a
+ * psock is marked SK_USER_DATA_PSOCK. */
 #define EZ_USER_DATA_PTRMASK (~7UL)
+#define EZ_USER_DATA_PSOCK 4UL
+
+/* A socket's psock (it is in a sockhash), or NULL. Probe reads only. */
+static __always_inline struct sk_psock *psock_of(struct sock *sk)
+{
+	unsigned long data = (unsigned long)BPF_CORE_READ(sk, sk_user_data);
+
+	if (!(data & EZ_USER_DATA_PSOCK))
+		return NULL;
+	return (struct sk_psock *)(data & EZ_USER_DATA_PTRMASK);
+}
 
 /* Redirected bytes queued unread on a socket; -1 when unknown. Probe reads only. */
 static __always_inline long queued_on(__u64 sk_addr, __u32 *rcvbuf)
@@ -381,8 +398,7 @@ static __always_inline long queued_on(__u64 sk_addr, __u32 *rcvbuf)
 
 	if (!sk || !bpf_core_field_exists(struct sk_psock, msg_tot_len))
 		return -1;
-	psock = (struct sk_psock *)((unsigned long)BPF_CORE_READ(sk, sk_user_data) &
-				    EZ_USER_DATA_PTRMASK);
+	psock = psock_of(sk);
 	if (!psock)
 		return -1;
 	if (rcvbuf)
@@ -669,34 +685,259 @@ int ez_sockops(struct bpf_sock_ops *ops)
 	return 1;
 }
 
-/* ---- sk_msg ---------------------------------------------------------- */
+/* ---- sk_msg: backpressure ---------------------------------------------- */
 
 /*
  * The kernel queues redirected bytes on the peer without looking at its receive
  * buffer: with a slower reader (a proxy doing TLS) the queue would grow until the
- * node's TCP memory runs out and the writer gets ENOMEM. True when the peer holds
- * more unread redirected bytes than the larger of its receive buffer and the
- * configured limit. If the peer was freed meanwhile, the redirect itself misses
- * and the socket falls back anyway.
+ * node's TCP memory runs out and the writer gets ENOMEM. So a direction goes to
+ * TCP, whose flow control then holds the sender back, once the peer holds too many
+ * unread redirected bytes. If the peer was freed meanwhile, the redirect itself
+ * misses and the direction falls back for good anyway.
+ *
+ * Returns how many bytes of this message may be redirected: all of them, a first part
+ * (the kernel runs the program again for the rest), or none (fall back).
+ *
+ * Resumable (the direction comes back, see below): the peer may hold at most the
+ * limit. Once the direction has fallen back (its reader lags), at most half the
+ * peer's receive buffer too: redirected bytes are charged to the peer's receive
+ * memory and reading them sends no window update, so a fuller queue starves the TCP
+ * phases that follow. Until then the whole limit serves: a reader that keeps up
+ * takes messages of up to the limit without a fallback. For good (layout 3's rule):
+ * the peer may hold more than the larger of the limit and its receive buffer, by a
+ * message.
  */
-static __always_inline bool peer_backlogged(struct ez_sock_info *info, __u32 limit)
+#define EZ_MIN_SPLIT 4096 /* smaller first parts are not worth a second verdict */
+
+static __always_inline __u32 redirect_room(struct ez_sock_info *info, __u32 limit, __u32 size,
+					   bool resumable)
 {
-	__u32 rcvbuf = 0;
+	__u32 rcvbuf = 0, room;
 	long queued = queued_on(info->peer_sk_addr, &rcvbuf);
 
-	if (rcvbuf > limit)
-		limit = rcvbuf;
-	return queued > (long)limit;
+	if (!resumable) {
+		if (rcvbuf > limit)
+			limit = rcvbuf;
+		return queued > (long)limit ? 0 : size;
+	}
+	if (queued < 0)
+		return size; /* no psock: the redirect misses, which is for good */
+	if ((info->flags & EZ_SF_LAGGED) && rcvbuf / 2 < limit)
+		limit = rcvbuf / 2;
+	if (queued >= (long)limit)
+		return 0;
+	room = limit - (__u32)queued;
+	if (size <= room)
+		return size;
+	return room >= EZ_MIN_SPLIT ? room : 0;
 }
+
+/* ---- sk_msg: resumable splice ------------------------------------------ */
+
+/*
+ * A direction (this socket S -> its peer P) in a TCP phase goes back to redirecting
+ * only when no reader of P can take a TCP byte of it after a redirected one
+ * (docs/dataplane.md, "Resumable splice", has the proof). sk_msg runs under S's
+ * socket lock, so S's write_seq is stable while we look; P is read with probe reads:
+ *   D (drained): P.copied_seq == S.write_seq and P's TCP receive queue is empty: every
+ *                byte S handed to TCP was consumed, nothing is in flight or queued;
+ *   B (bypass):  P's redirect queue is empty too; if not while D holds, P's reader
+ *                consumed TCP bytes past older redirected ones (splice(2), zero-copy
+ *                receive): it never reads that queue, so this direction stays on TCP;
+ *   Q (quiet):   P's socket lock is not owned and no task sleeps on P's wait queue in
+ *                sk_wait_event (woken_wake_function): a reader inside the TCP receive
+ *                path either owns P's lock or sleeps there.
+ * D is read before Q; x86's total store order keeps that order, which BPF cannot ask
+ * for elsewhere, so other architectures keep the fallback for good.
+ */
+#if defined(__TARGET_ARCH_x86)
+#define EZ_RESUME_ARCH 1
+#else
+#define EZ_RESUME_ARCH 0
+#endif
+
+/* Resolved from kallsyms by libbpf; 0 when the kernel hides addresses (then any wait
+ * queue entry that names a task or poll table counts as a sleeping reader). */
+extern const void woken_wake_function __ksym __weak;
+
+#define EZ_WAITQ_MAX 8
+
+/* No task sleeps on the socket's wait queue in sk_wait_event. Any fault, NULL, or a
+ * list longer than EZ_WAITQ_MAX counts as "not quiet". */
+static __always_inline bool waitq_quiet(struct sock *psk)
+{
+	unsigned long woken = (unsigned long)&woken_wake_function;
+	struct socket_wq *wq = BPF_CORE_READ(psk, sk_wq);
+	unsigned long head, p;
+
+	if (!wq)
+		return false;
+	head = (unsigned long)wq + bpf_core_field_offset(struct socket_wq, wait) +
+	       bpf_core_field_offset(struct wait_queue_head, head);
+	p = (unsigned long)BPF_CORE_READ(wq, wait.head.next);
+	for (int i = 0; i < EZ_WAITQ_MAX; i++) {
+		struct wait_queue_entry *e;
+		unsigned long func, priv;
+
+		if (p == head)
+			return true;
+		if (!p)
+			return false;
+		e = (struct wait_queue_entry *)(p - bpf_core_field_offset(struct wait_queue_entry,
+									 entry));
+		func = (unsigned long)BPF_CORE_READ(e, func);
+		priv = (unsigned long)BPF_CORE_READ(e, private);
+		if (!func)
+			return false;
+		/* epoll entries (ep_poll_callback, no private) and poll/select entries
+		 * (pollwake) consume nothing: their task reads later, through recvmsg. */
+		if (woken ? func == woken : priv != 0)
+			return false;
+		p = (unsigned long)BPF_CORE_READ(e, entry.next);
+	}
+	return false;
+}
+
+/* A receive path whose queues follow other rules (a stream or skb verdict program
+ * moves TCP bytes into the redirect queue): never resume into it. */
+static __always_inline bool verdict_rx(struct sk_psock *psock)
+{
+	if (BPF_CORE_READ(psock, progs.stream_verdict))
+		return true;
+	return bpf_core_field_exists(psock->progs.skb_verdict) &&
+	       BPF_CORE_READ(psock, progs.skb_verdict);
+}
+
+enum ez_resume {
+	EZ_R_WAIT = 0,   /* not now: stay on TCP, look again at the next message */
+	EZ_R_YES = 1,    /* redirect this message */
+	EZ_R_NEVER = 2,  /* this direction stays on TCP for good */
+	EZ_R_BYPASS = 3, /* for good: the peer's reader bypasses its redirect queue */
+};
+
+static __always_inline int may_resume(struct bpf_sock *sk, struct ez_sock_info *info)
+{
+	struct sock *psk = (struct sock *)(unsigned long)info->peer_sk_addr;
+	struct sk_psock *psock;
+	struct tcp_sock *tp;
+	__u32 wseq, copied, qlen;
+
+	if (!EZ_RESUME_ARCH || !psk)
+		return EZ_R_NEVER;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return EZ_R_NEVER;
+	wseq = tp->write_seq; /* stable: our own socket lock is held */
+	/* D */
+	copied = BPF_CORE_READ((struct tcp_sock *)psk, copied_seq);
+	qlen = BPF_CORE_READ(psk, sk_receive_queue.qlen);
+	if (copied != wseq || qlen) {
+		count(EZ_CNT_RESUME_WAIT_DRAIN, 1);
+		return EZ_R_WAIT;
+	}
+	/* B */
+	psock = psock_of(psk);
+	if (!psock || verdict_rx(psock) || !bpf_core_field_exists(psock->msg_tot_len))
+		return EZ_R_NEVER;
+	if (BPF_CORE_READ(psock, msg_tot_len))
+		return EZ_R_BYPASS;
+	/* Q, read after D */
+	if (BPF_CORE_READ(psk, sk_lock.owned) || !waitq_quiet(psk)) {
+		count(EZ_CNT_RESUME_WAIT_QUIET, 1);
+#ifndef EZ_TEST_UNSAFE_NO_QUIET /* only a test build ignores Q, to show what it prevents */
+		return EZ_R_WAIT;
+#endif
+	}
+	return EZ_R_YES;
+}
+
+/* A direction in a TCP phase: true when this message may be redirected again. A
+ * direction that can never come back goes to TCP for good, so that both sockets can
+ * leave the sockhash once neither redirects any more (see on_ack). */
+static __always_inline bool try_resume(struct sk_msg_md *msg, struct ez_sock_info *info,
+				       struct ez_config *cfg, __u64 cookie)
+{
+	struct ez_sock_info *peer_info;
+	__u64 peer = info->peer_cookie;
+	int r = EZ_R_NEVER;
+
+	/* A missing peer (closed) or a stale pairing stays terminal. */
+	peer_info = bpf_map_lookup_elem(&ez_sockinfo, &peer);
+	if (peer_info && peer_info->peer_cookie == cookie && !(cfg->flags & EZ_CFG_NO_RESUME))
+		r = may_resume(msg->sk, info);
+	if (r == EZ_R_WAIT)
+		return false;
+	if (r == EZ_R_BYPASS) {
+		__sync_fetch_and_or(&info->flags, EZ_SF_BYPASS);
+		count(EZ_CNT_BYPASS_READERS, 1);
+	}
+	if (r != EZ_R_YES) {
+		taint(info);
+		return false;
+	}
+	if (__sync_val_compare_and_swap(&info->state, EZ_TCP_PAIRED, EZ_PAIRED) != EZ_TCP_PAIRED)
+		return false;
+	info->resumes++;
+	count(EZ_CNT_RESUMES, 1);
+	return true;
+}
+
+/* This direction's peer lags: to TCP, in order (the peer reads its redirect queue
+ * first). Resumable, or for good in both directions (the rule of layout 3). */
+static __always_inline void fall_back(struct ez_sock_info *info, bool resumable)
+{
+	struct ez_sock_info *peer_info;
+	__u64 peer = info->peer_cookie;
+
+	count(EZ_CNT_BACKLOG_FALLBACKS, 1);
+	if (resumable) {
+		if (__sync_val_compare_and_swap(&info->state, EZ_PAIRED, EZ_TCP_PAIRED) ==
+		    EZ_PAIRED) {
+			info->fallback_ns = bpf_ktime_get_ns();
+			info->fallbacks++;
+			if (!(info->flags & EZ_SF_LAGGED))
+				__sync_fetch_and_or(&info->flags, EZ_SF_LAGGED);
+		}
+		return;
+	}
+	taint(info);
+	peer_info = bpf_map_lookup_elem(&ez_sockinfo, &peer);
+	if (peer_info)
+		taint(peer_info);
+}
+
+/* Can a fallback of this direction come back? Not on other architectures, not when
+ * configured off, and not into a peer whose receive path has a verdict program
+ * (looked at once: a socket keeps the programs it joined the sockhash with). */
+static __always_inline bool resumable(struct ez_sock_info *info, struct ez_config *cfg)
+{
+	struct sock *psk = (struct sock *)(unsigned long)info->peer_sk_addr;
+	__u32 flags = info->flags;
+	struct sk_psock *psock;
+
+	if (!EZ_RESUME_ARCH || (cfg->flags & EZ_CFG_NO_RESUME))
+		return false;
+	if (!(flags & EZ_SF_PEER_KNOWN)) {
+		psock = psk ? psock_of(psk) : NULL;
+		flags = EZ_SF_PEER_KNOWN;
+		if (!psock || verdict_rx(psock))
+			flags |= EZ_SF_NO_RESUME;
+		__sync_fetch_and_or(&info->flags, flags);
+	}
+	return !(flags & EZ_SF_NO_RESUME);
+}
+
+/* ---- sk_msg ---------------------------------------------------------- */
 
 SEC("sk_msg")
 int ez_msg(struct sk_msg_md *msg)
 {
 	struct bpf_sock *sk = msg->sk;
-	struct ez_sock_info *info, *peer_info;
+	struct ez_sock_info *info;
 	struct ez_config *cfg;
+	__u32 state, room, size = msg->size;
 	__u64 *cookie, peer;
-	__u32 state;
+	bool back;
 	long ret;
 
 	if (!sk)
@@ -716,46 +957,57 @@ int ez_msg(struct sk_msg_md *msg)
 		taint_now(info);
 		goto pass;
 	}
-	if (state != EZ_PAIRED)
+	if (state != EZ_PAIRED && state != EZ_TCP_PAIRED) {
+		/* TCP for good; a socket that was paired still pays the sk_msg path. */
+		if (info->peer_cookie)
+			goto tcp;
 		goto pass;
+	}
 	/* Kill switch: once through TCP, never back (the peer reads its queue first). */
 	cfg = get_config();
 	if (!cfg || !cfg->enabled) {
 		taint(info);
-		goto pass;
+		goto tcp;
 	}
+	if (state == EZ_TCP_PAIRED && !try_resume(msg, info, cfg, *cookie))
+		goto tcp;
 	/* Backpressure: TCP's flow control takes over from here, in order. */
-	peer = info->peer_cookie;
-	if (peer_backlogged(info, cfg->backlog_limit)) {
-		/* Both directions go to TCP, so both sockets can leave the sockhash. */
-		taint(info);
-		peer_info = bpf_map_lookup_elem(&ez_sockinfo, &peer);
-		if (peer_info)
-			taint(peer_info);
-		count(EZ_CNT_BACKLOG_FALLBACKS, 1);
-		goto pass;
+	back = resumable(info, cfg);
+	room = redirect_room(info, cfg->backlog_limit, size, back);
+	if (!room) {
+		fall_back(info, back);
+		goto tcp;
 	}
+	peer = info->peer_cookie;
 	ret = bpf_msg_redirect_hash(msg, &ez_socks, &peer, BPF_F_INGRESS);
 	if (ret != SK_PASS) {
 		/* The peer left the sockhash (closed): plain TCP from now on. */
 		taint(info);
 		count(EZ_CNT_REDIRECT_MISSES, 1);
-		goto pass;
+		goto tcp;
 	}
-	__sync_fetch_and_add(&info->bytes_out, msg->size);
+	/* Only the first part fits: the rest of the message gets a verdict of its own. The
+	 * kernel keeps the last value for every later verdict of this send, so always set it. */
+	bpf_msg_apply_bytes(msg, room < size ? room : 0);
+	__sync_fetch_and_add(&info->bytes_out, room);
 	__sync_fetch_and_add(&info->msgs_out, 1);
 	count(EZ_CNT_MSGS_REDIRECTED, 1);
-	count(EZ_CNT_BYTES_REDIRECTED, msg->size);
+	count(EZ_CNT_BYTES_REDIRECTED, room);
 	return SK_PASS;
+tcp:
+	__sync_fetch_and_add(&info->tcp_bytes, size);
+	__sync_fetch_and_add(&info->tcp_msgs, 1);
+	count(EZ_CNT_BYTES_TCP_PAIRED, size);
 pass:
+	bpf_msg_apply_bytes(msg, 0); /* the whole rest, after a split */
 	count(EZ_CNT_MSGS_PASSED, 1);
 	return SK_PASS;
 }
 
 /*
  * No-op stream verdict. Attached only where the kernel loses epoll wakeups for
- * sockets in a sockhash without an SK_SKB program (docs/dataplane.md, "Kernel
- * pitfalls checked by tests").
+ * sockets in a sockhash without an SK_SKB program (docs/kernel.md, "Lost epoll
+ * wakeups").
  */
 SEC("sk_skb/stream_verdict")
 int ez_skb_verdict(struct __sk_buff *skb)

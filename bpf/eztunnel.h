@@ -9,7 +9,7 @@
 
 /* Bump whenever a map's key/value layout or meaning changes. */
 enum ez_layout {
-	EZ_LAYOUT_VERSION = 3,
+	EZ_LAYOUT_VERSION = 4,
 };
 
 /* Map sizes (pinned maps cannot be resized: part of the layout). */
@@ -23,15 +23,31 @@ enum ez_limits {
 
 /*
  * Per-socket pairing state; only ever changed atomically: compare-and-swap, or an
- * exchange to TAINTED, which every state may go to (docs/dataplane.md, "State machine"):
- *   active:  UNPAIRED -> CLAIMED -> PAIRED -> TAINTED, and UNPAIRED or CLAIMED -> TAINTED
- *   passive: UNPAIRED -> PAIRED -> TAINTED, and UNPAIRED -> TAINTED
+ * exchange to TAINTED, which every state may go to (docs/dataplane.md, "State machine").
+ * Once paired, the state is that of one direction: this socket -> its peer.
+ *   active:  UNPAIRED -> CLAIMED -> PAIRED, and UNPAIRED or CLAIMED -> TAINTED
+ *   passive: UNPAIRED -> PAIRED, and UNPAIRED -> TAINTED
+ *   paired:  PAIRED <-> TCP_PAIRED (backlog fallback, proven resume), either -> TAINTED
  */
 enum ez_sock_state {
-	EZ_UNPAIRED = 0, /* no byte sent yet, may still be paired */
-	EZ_TAINTED = 1,  /* bytes went (or go) through TCP: never redirect again */
-	EZ_PAIRED = 2,   /* every byte goes straight to the peer socket */
-	EZ_CLAIMED = 3,  /* one passive socket won this one and writes its peer fields */
+	EZ_UNPAIRED = 0,   /* no byte sent yet, may still be paired */
+	EZ_TAINTED = 1,    /* bytes went (or go) through TCP: never redirect again */
+	EZ_PAIRED = 2,     /* every byte goes straight to the peer socket */
+	EZ_CLAIMED = 3,    /* one passive socket won this one and writes its peer fields */
+	EZ_TCP_PAIRED = 4, /* paired, this direction on TCP until the peer provably drained it */
+};
+
+/* ez_sock_info.flags */
+enum ez_sock_flags {
+	EZ_SF_BYPASS = 1 << 0,     /* the peer's reader took TCP bytes past unread redirected ones */
+	EZ_SF_PEER_KNOWN = 1 << 1, /* the peer's receive path was looked at (first message) */
+	EZ_SF_NO_RESUME = 1 << 2,  /* ... and a fallback can never come back from it */
+	EZ_SF_LAGGED = 1 << 3,     /* fell back once: the peer's queue stays in half its buffer */
+};
+
+/* ez_config.flags */
+enum ez_config_flags {
+	EZ_CFG_NO_RESUME = 1 << 0, /* a backlog fallback is for good (the behaviour of layout 3) */
 };
 
 /* Which candidate rule paired a socket (docs/dataplane.md, "Pairing"). */
@@ -63,7 +79,7 @@ enum ez_counter {
 	EZ_CNT_REDIRECT_MISSES,
 	EZ_CNT_TAINTED,
 	EZ_CNT_SOCKETS_CLOSED,
-	EZ_CNT_BACKLOG_FALLBACKS, /* paired sockets sent to TCP: the peer had too much queued */
+	EZ_CNT_BACKLOG_FALLBACKS, /* a direction went to TCP: the peer had too much queued */
 	EZ_CNT_UNSPLICED,         /* sockets back on plain TCP: out of the sockhash for good */
 	/* One counter per reason a socket was not paired. */
 	EZ_NP_DISABLED,
@@ -80,6 +96,12 @@ enum ez_counter {
 	EZ_NP_PEER_MISSING,       /* the index named a socket whose state is gone */
 	EZ_NP_HANDSHAKE_MISMATCH, /* the candidate's sequence numbers are not ours */
 	EZ_NP_PEER_TAKEN,         /* another passive socket claimed the candidate first */
+	/* Appended in layout 4: resumable splice, per direction. */
+	EZ_CNT_RESUMES,           /* a direction went back from TCP to redirecting */
+	EZ_CNT_BYTES_TCP_PAIRED,  /* bytes a paired socket sent through TCP (fallback, terminal) */
+	EZ_CNT_RESUME_WAIT_DRAIN, /* resume checks: the peer had not consumed every TCP byte */
+	EZ_CNT_RESUME_WAIT_QUIET, /* resume checks: a reader of the peer may be on the TCP path */
+	EZ_CNT_BYPASS_READERS,    /* the peer's reader bypasses its redirect queue: for good */
 	EZ_CNT_MAX,
 };
 
@@ -103,7 +125,7 @@ struct ez_config {
 	__u32 enabled;        /* 0: kill switch, pass everything, pair nothing */
 	__u32 layout_version; /* written at install, checked on reuse */
 	__u32 backlog_limit;  /* bytes a peer may hold unread before TCP takes over */
-	__u32 reserved;
+	__u32 flags;          /* enum ez_config_flags */
 };
 
 /*
@@ -148,6 +170,15 @@ struct ez_sock_info {
 	__u64 tainted_ns;   /* when the socket went to TCP for good (bpf_ktime_get_ns) */
 	__u32 hs_snd_nxt;   /* snd_nxt when established: own ISN + 1 */
 	__u32 hs_rcv_nxt;   /* rcv_nxt when established: the other end's ISN + 1 */
+	/* Layout 4: this direction's TCP phases while paired (docs/dataplane.md,
+	 * "Resumable splice"). */
+	__u64 tcp_bytes;   /* bytes sent through TCP while paired */
+	__u64 tcp_msgs;    /* messages sent through TCP while paired */
+	__u64 fallback_ns; /* when this direction last went to TCP */
+	__u32 fallbacks;   /* redirect -> TCP switches */
+	__u32 resumes;     /* TCP -> redirect switches */
+	__u32 flags;       /* enum ez_sock_flags */
+	__u32 reserved2;
 };
 
 /* A socket leaves the sockhash this long after its peer stopped redirecting to it:

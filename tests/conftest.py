@@ -13,7 +13,8 @@ import pytest
 
 from eztunnel_lab import traffic
 from eztunnel_lab.netlab import Lab, Pod
-from eztunnel_plugin.bpf import dataplane, layout
+from eztunnel_plugin.bpf import layout, loader
+from eztunnel_plugin.bpf.maps import Dataplane
 
 TOOLS = Path(__file__).parent / "tools"
 PY = sys.executable
@@ -32,13 +33,13 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture
-def dp(lab: Lab) -> Iterator[dataplane.Dataplane]:
-    plane = dataplane.Dataplane.install_or_reuse(lab.bpffs, lab.cgroup)
+def dp(lab: Lab) -> Iterator[Dataplane]:
+    plane = loader.install_or_reuse(lab.bpffs, lab.cgroup)
     yield plane
     plane.close()
 
 
-def enroll(plane: dataplane.Dataplane, *pods: Pod) -> None:
+def enroll(plane: Dataplane, *pods: Pod) -> None:
     for pod in pods:
         plane.endpoints.put(pod.ip4, layout.EP_ENROLLED)
         plane.endpoints.put(pod.ip6, layout.EP_ENROLLED)

@@ -1,9 +1,13 @@
-"""The agent process end to end on the real kernel: `eztunnel-plugin run` and the CLI."""
+"""The agent: its view for the API (in process), and the agent process end to end on the
+real kernel (`eztunnel-plugin run` and the CLI)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,10 +21,18 @@ from typing import Any
 import pytest
 
 from eztunnel_lab.netlab import Lab
+from eztunnel_plugin import cli, config
+from eztunnel_plugin.agent import Agent, View
+from eztunnel_plugin.api.view import FileStatus, FlowPage, Owner, SelftestStatus
+from eztunnel_plugin.bpf.maps import Dataplane
+from eztunnel_plugin.endpoints_file import StaticEndpoints
+from eztunnel_plugin.state.workloads import WorkloadRecord, WorkloadState
+from eztunnel_plugin.xds.client import XdsClient
+from eztunnel_plugin.xds.updater import state_watches
 
 from .conftest import PY, finish_hold, hold_client, hold_server, wait_for, wait_line
 
-pytestmark = pytest.mark.kernel
+kernel = pytest.mark.kernel
 
 CLI = [PY, "-m", "eztunnel_plugin"]
 
@@ -126,6 +138,7 @@ def endpoints_file(path: Path, *ips: str) -> Path:
     return path
 
 
+@kernel
 def test_restart_keeps_live_flows_and_attaches_once(
     lab: Lab, agents: list[AgentProc], tmp_path: Path
 ) -> None:
@@ -159,6 +172,7 @@ def test_restart_keeps_live_flows_and_attaches_once(
     finish_hold(flow, rounds=2)
 
 
+@kernel
 def test_sigterm_stops_quickly_and_keeps_pins(
     lab: Lab, agents: list[AgentProc], tmp_path: Path
 ) -> None:
@@ -173,6 +187,7 @@ def test_sigterm_stops_quickly_and_keeps_pins(
     assert {"link_sockops", "link_msg", "ez_endpoints"} <= set(os.listdir(lab.bpffs))
 
 
+@kernel
 def test_endpoints_file_reload_and_cli(lab: Lab, agents: list[AgentProc], tmp_path: Path) -> None:
     a, b = lab.add_pod(), lab.add_pod()
     eps = endpoints_file(tmp_path / "eps.yaml", a.ip4)
@@ -273,70 +288,197 @@ def test_agent_process_stays_lean() -> None:
     assert r.stdout.strip() == "[]"
 
 
-# ---- metrics listener ------------------------------------------------------------------
+# ---- the view the API gets (in process) ------------------------------------------------
 
 
-def http(addr: str, request: bytes) -> bytes:
-    """Send raw bytes, return everything the server answers before it closes."""
-    host, port = addr.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=15) as s:
-        s.sendall(request)
+def make_agent(*argv: str, env: dict[str, str] | None = None) -> Agent:
+    args = cli.build_parser().parse_args(["run", *argv])
+    return Agent(config.from_args(args, env or {}, False))
+
+
+@pytest.fixture
+def file_agent(tmp_path: Path) -> Iterator[Agent]:
+    eps = endpoints_file(tmp_path / "eps.yaml", "10.0.0.2", "10.0.0.1")
+    a = make_agent("--endpoints-file", str(eps), "--bpffs", "/sys/fs/bpf/ez-view-test")
+    yield a
+    a.reader.close()
+
+
+def test_the_view_reads_plain_fields_and_nothing_from_an_unloaded_data_plane(
+    file_agent: Agent,
+) -> None:
+    v = file_agent.view
+    assert isinstance(v, View)
+    assert (v.version, v.kernel, v.bpffs) == (file_agent.version, os.uname().release,
+                                              "/sys/fs/bpf/ez-view-test")  # fmt: skip
+    assert v.cgroup == str(file_agent.cfg.cgroup) and v.node == ""
+    assert v.ready is False and v.stale is False
+    file_agent.ready = True
+    assert v.ready is True  # live: the view is no copy
+    for read in (v.dataplane, v.endpoints_in_map, v.counters):
+        assert read() is None
+    assert v.flow_page(0, 10) is None
+    assert v.set_enabled(False, uid=0, pid=1) is None
+
+
+def test_the_view_of_a_file_source(file_agent: Agent) -> None:
+    v = file_agent.view
+    assert v.endpoints_file() is None and v.owners() == {}  # nothing before run()
+    file_agent.static = StaticEndpoints(file_agent.cfg.endpoints_file or Path())
+    assert v.endpoint_source == f"file:{file_agent.cfg.endpoints_file}"
+    assert v.owners() == {"10.0.0.1": Owner("", "", ""), "10.0.0.2": Owner("", "", "")}
+    assert v.endpoints_file() == FileStatus("", 0)
+    assert v.xds() is None and v.addresses_refused == 0
+
+
+def test_the_view_of_an_xds_source(tmp_path: Path) -> None:
+    a = make_agent("--xds-address", "127.0.0.1:15010", "--xds-plaintext", "--node-name", "n1")
+    try:
+        assert a.cfg.xds is not None
+        a.state = WorkloadState("n1")
+        a.xds = XdsClient(a.cfg.xds, state_watches(a.state))
+        status = a.view.xds()
+        assert status is not None
+        assert (status.address, status.connected, status.complete) == (a.cfg.xds.address,
+                                                                        False, False)  # fmt: skip
+        assert (status.nacks, status.streams, status.last_error) == (0, 0, "")
+        assert [t.type_url for t in status.types] == list(a.cfg.xds.types)
+        assert all(t.resources == 0 and t.last_acked_nonce == "" for t in status.types)
+        a.stale = True
+        assert a.view.xds() == dataclasses.replace(status, stale=True)
+        assert a.view.endpoint_source == "xds" and a.view.endpoints_file() is None
+        a.state.refused_total = 2
+        assert a.view.addresses_refused == 2
+        # Owners carry what `endpoints` shows as istioctl does: node and tunnel protocol.
+        pod = WorkloadRecord("uid-p", "p", "ns", "n1", "", ("10.0.0.7",), True, False, False,
+                             "sa", "")  # fmt: skip
+        a.state.apply_addresses({"uid-p": pod})
+        assert a.view.owners() == {"10.0.0.7": Owner("uid-p", "p", "ns", "n1", "HBONE")}
+    finally:
+        a.reader.close()
+
+
+def test_the_view_hands_out_the_agents_events(file_agent: Agent) -> None:
+    async def main() -> list[str]:
+        async with file_agent.view.subscribe() as queue:
+            file_agent.events.publish("agent.ready", endpoints=2)
+            return [queue.get_nowait().kind]
+
+    assert asyncio.run(main()) == ["agent.ready"]
+
+
+@kernel
+def test_the_view_reads_the_maps_and_flips_the_switch(
+    file_agent: Agent, dp: Dataplane, lab: Lab
+) -> None:
+    file_agent.dp = dp
+    v = file_agent.view
+    plane = v.dataplane()
+    assert plane is not None and plane.enabled is True
+    assert plane.capture_ports == (15001,) and plane.backlog_limit == 4 << 20
+    assert set(plane.programs) == set(dp.links) and plane.programs == tuple(sorted(dp.links))
+    dp.endpoints.put("10.0.0.1", 1)
+    assert v.endpoints_in_map() == {"10.0.0.1": 1}
+    counters = v.counters()
+    assert counters is not None and counters["pairs"] == 0
+    assert v.flow_page(0, 10) == FlowPage([], None)
+
+    async def switch() -> tuple[bool | None, list[tuple[str, dict[str, str]]]]:
+        async with v.subscribe() as queue:
+            was = v.set_enabled(False, uid=0, pid=4242)
+            events = []
+            while not queue.empty():
+                e = queue.get_nowait()
+                events.append((e.kind, e.fields))
+            return was, events
+
+    was, events = asyncio.run(switch())
+    assert was is True and dp.config.enabled is False
+    assert events == [("dataplane.disabled", {"uid": "0", "pid": "4242"})]
+    assert (v.dataplane() or plane).enabled is False
+
+
+# ---- the kernel self-test decides what the agent attaches ------------------------------------
+
+
+@kernel
+def test_the_agent_attaches_as_the_self_test_decided_and_says_why(
+    lab: Lab, agents: list[AgentProc], tmp_path: Path
+) -> None:
+    a = lab.add_pod()
+    agent = AgentProc(lab, "--endpoints-file", str(endpoints_file(tmp_path / "e", a.ip4)))
+    agents.append(agent)
+    agent.wait_serving()
+    status = agent.cli_json("status")
+    st = status["selftest"]
+    assert st["decision"] in ("attach", "attach_with_workaround"), st
+    assert st["kernel"] == status["kernel"] == os.uname().release
+    verdict = st["decision"] == "attach_with_workaround"
+    assert ("link_skb" in status["programs_attached"]) is verdict
+    chosen = "skb_verdict" if verdict else "plain"
+    assert all(c["passed"] for c in st["checks"] if c["name"].endswith(f"/{chosen}")), st
+    table = agent.cli("status").stdout
+    assert re.search(rf"^self-test +{st['decision']}$", table, re.M), table
+    assert re.search(r"^  fionread +without workaround: (pass|FAIL: .*); with it: ", table, re.M)
+    log = agent.terminate()
+    (decided,) = log_events(log, "selftest.decided")
+    assert decided["decision"] == st["decision"] and decided["reason"] == st["reason"]
+
+
+@kernel
+def test_a_no_splice_decision_attaches_nothing_and_removes_earlier_pins(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A start whose self-test fails: what an earlier start attached goes (kill switch first,
+    # no byte lost), nothing new is attached, and the agent still serves and gets ready.
+    from eztunnel_plugin import selftest
+    from eztunnel_plugin.api import health
+    from eztunnel_plugin.bpf import loader
+
+    loader.install_or_reuse(lab.bpffs, lab.cgroup).close()
+    refused = SelftestStatus(selftest.NO_SPLICE, "epoll: lost EPOLLIN", (), kernel="6.99.1")
+    monkeypatch.setattr(selftest, "run", lambda *a, **k: refused)
+    eps = endpoints_file(tmp_path / "eps.yaml", "10.0.0.1")
+    admin = Path(tempfile.mkdtemp(prefix="ezadm-")) / "admin.sock"
+    port = free_port()
+    agent = make_agent(
+        "--endpoints-file", str(eps), "--bpffs", str(lab.bpffs), "--cgroup", str(lab.cgroup),
+        "--grpc-listen", f"127.0.0.1:{free_port()}", "--admin-socket", str(admin),
+        "--health-listen", f"127.0.0.1:{port}",
+    )  # fmt: skip
+
+    async def main() -> tuple[int, str, str]:
+        stop = asyncio.Event()
+        run = asyncio.create_task(agent.run(stop))
+        for _ in range(500):  # bounded: until ready
+            if agent.ready or run.done():
+                break
+            await asyncio.sleep(0.02)
+        probe = await asyncio.to_thread(_get, port, health.READY)
+        stats = await asyncio.to_thread(
+            subprocess.run, [*CLI, "stats", "--grpc-addr", str(agent.cfg.grpc_listen)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        stop.set()
+        return await run, probe, stats.stderr
+
+    try:
+        code, probe, stats_err = asyncio.run(main())
+    finally:
+        shutil.rmtree(admin.parent, ignore_errors=True)
+    assert code == 0 and probe.endswith("\r\n\r\nready\n")
+    assert agent.selftest == refused and agent.dp is None
+    assert not lab.bpffs.exists() or not any(lab.bpffs.iterdir())  # nothing pinned any more
+    cg = subprocess.run(["bpftool", "cgroup", "show", str(lab.cgroup)],
+                        capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "ez_sockops" not in cg
+    assert "the kernel self-test decided not to splice (epoll: lost EPOLLIN)" in stats_err
+
+
+def _get(port: int, path: str) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         chunks = []
         while chunk := s.recv(65536):
             chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def test_metrics_refuse_oversize_and_bad_requests_without_traceback(
-    lab: Lab, agents: list[AgentProc], tmp_path: Path
-) -> None:
-    a = lab.add_pod()
-    metrics = f"127.0.0.1:{free_port()}"
-    agent = AgentProc(lab, "--endpoints-file", str(endpoints_file(tmp_path / "e", a.ip4)),
-                      "--metrics-listen", metrics)  # fmt: skip
-    agents.append(agent)
-    agent.wait_serving()
-    huge = b"a" * (100 << 10)
-    assert http(metrics, b"GET /" + huge + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 431 ")
-    header = b"GET /metrics HTTP/1.1\r\nX-Big: " + huge + b"\r\n\r\n"
-    assert http(metrics, header).startswith(b"HTTP/1.0 431 ")
-    many = b"GET /metrics HTTP/1.1\r\n" + b"X-A: b\r\n" * 1000 + b"\r\n"
-    assert http(metrics, many).startswith(b"HTTP/1.0 431 ")
-    assert http(metrics, b"\x16\x03\x01garbage\r\n\r\n").startswith(b"HTTP/1.0 400 ")
-    assert http(metrics, b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 405 ")
-    assert http(metrics, b"GET /nope HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 404 ")
-    ok = http(metrics, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert ok.startswith(b"HTTP/1.0 200 ") and b"eztunnel_endpoints 1" in ok
-    log = agent.terminate()
-    assert "Traceback" not in log and "metrics.error" not in log, log
-
-
-def test_metrics_bound_connections_and_their_time(
-    lab: Lab, agents: list[AgentProc], tmp_path: Path
-) -> None:
-    from eztunnel_plugin.api import metrics as metrics_module
-
-    a = lab.add_pod()
-    metrics = f"127.0.0.1:{free_port()}"
-    agent = AgentProc(lab, "--endpoints-file", str(endpoints_file(tmp_path / "e", a.ip4)),
-                      "--metrics-listen", metrics)  # fmt: skip
-    agents.append(agent)
-    agent.wait_serving()
-    host, port = metrics.rsplit(":", 1)
-    idle = [
-        socket.create_connection((host, int(port)), timeout=15)
-        for _ in range(metrics_module.MAX_CONNECTIONS)
-    ]
-    try:
-        # Every slot is held by a client that sends nothing: the next one is refused...
-        assert http(metrics, b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 503 ")
-        # ...and the idle ones are closed by the server, not kept forever.
-        for s in idle:
-            while s.recv(65536):
-                pass
-    finally:
-        for s in idle:
-            s.close()
-    wait_for(lambda: http(metrics, b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 200"),
-             what="metrics served again")  # fmt: skip
-    assert "Traceback" not in agent.terminate()
+    return b"".join(chunks).decode()

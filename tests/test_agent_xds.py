@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from eztunnel_lab.netlab import Lab, Pod
+from eztunnel_lab.netlab import Lab, Pod, wait_listening
 
 from .conftest import PY, finish_hold, hold_client, hold_server, wait_for, wait_line
 from .test_agent import AgentProc, free_port
@@ -48,7 +48,8 @@ class Istiod:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
-            wait_for(lambda: _listening(self.addr), what="fake istiod listening")
+            port = int(self.addr.rsplit(":", 1)[1])
+            wait_listening(None, [port], proc=self.proc, what="fake istiod listening")
         except BaseException:
             self.proc.kill()
             self.proc.wait(timeout=10)
@@ -59,14 +60,6 @@ class Istiod:
         tmp.write_text(yaml.safe_dump({"workloads": workloads, "services": [],
                                        "authorizations": []}))  # fmt: skip
         tmp.replace(self.path)
-
-
-def _listening(addr: str) -> bool:
-    port = addr.rsplit(":", 1)[1]
-    out = subprocess.run(
-        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=False
-    )
-    return bool(out.stdout.strip())
 
 
 @pytest.fixture
@@ -106,9 +99,9 @@ def test_enrolment_follows_istiod_and_flows_splice(
     types = {t["type_url"]: t for t in status["xds"]["types"]}
     assert types["type.googleapis.com/istio.workload.Address"]["last_acked_nonce"]
     listed = agent.cli_json("endpoints")["endpoints"]
-    assert {(e["name"], e["workload_uid"]) for e in listed} == {
-        ("a", "Kubernetes//Pod/default/a"),
-        ("b", "Kubernetes//Pod/default/b"),
+    assert {(e["name"], e["workload_uid"], e["node"], e["protocol"]) for e in listed} == {
+        ("a", "Kubernetes//Pod/default/a", NODE, "HBONE"),
+        ("b", "Kubernetes//Pod/default/b", NODE, "HBONE"),
     }
 
     hold_server(lab, b, "0.0.0.0", 9000)
@@ -253,8 +246,8 @@ def test_stale_feed_turns_health_off_and_back(lab: Lab, istiod: Istiod) -> None:
     try:
         agent.wait_serving()
         body = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
-        assert "eztunnel_ready 1" in body and 'eztunnel_bpf_total{counter="pairs"}' in body
-        assert "eztunnel_endpoints 2" in body
+        assert "eztunnel_ready 1.0" in body and 'eztunnel_pairs_total{rule="capture"}' in body
+        assert "eztunnel_endpoints_enrolled 2.0" in body and "eztunnel_xds_connected 1.0" in body
 
         server.proc.kill()
         server.proc.wait(timeout=10)

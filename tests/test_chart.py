@@ -19,7 +19,9 @@ import shutil
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,7 +34,7 @@ import yaml
 
 from eztunnel_plugin import cli
 from eztunnel_plugin.api import admin
-from eztunnel_plugin.bpf import dataplane, layout
+from eztunnel_plugin.bpf import layout, loader
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "eztunnel"
@@ -222,9 +224,16 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
         "--set",
         "grpcPort=16081",
         "--set",
+        "healthPort=16021",
+        "--set",
+        "metrics.path=/metrics",
+        "--set",
+        "grafanaDashboard.annotations.grafana_folder=Istio",
+        "--set",
         "xdsAddress=istiod.example.svc:15012",
     ),
     "no-uninstall-hooks": ("--set", "uninstall.enabled=false", "--set", "appArmorProfile="),
+    "quiet": ("--set", "metrics.enabled=false", "--set", "grafanaDashboard.enabled=false"),
     "explicit-confinement": (
         "--set",
         "appArmorProfile=RuntimeDefault",
@@ -382,7 +391,9 @@ def test_defaults_follow_ztunnel() -> None:
     args = arg_values(c)
     assert args["log-format"] == "console"
     assert args["log-level"] == "info"
-    assert "metrics-listen" not in args
+    # Istio's ports: metrics on 15020, health on 15021, both on the node IP.
+    assert args["metrics-listen"] == "$(INSTANCE_IP):15020"
+    assert args["health-listen"] == "$(INSTANCE_IP):15021"
     assert c["resources"]["requests"] == {"cpu": "50m", "memory": "128Mi"}
     assert "cpu" not in c["resources"]["limits"], "no CPU limit: throttling delays probes"
 
@@ -433,6 +444,8 @@ def test_profiles_and_platforms() -> None:
     demo = agent_ds(render("--set", "global.profile=demo"))
     assert arg_values(container(demo, "eztunnel"))["log-level"] == "debug"
     assert "metrics-listen" in arg_values(container(demo, "eztunnel"))
+    quiet_metrics = agent_ds(render("--set", "profile=demo", "--set", "metrics.enabled=false"))
+    assert "metrics-listen" not in arg_values(container(quiet_metrics, "eztunnel"))
     # A user value wins over the profile.
     quiet = agent_ds(render("--set", "profile=demo", "--set", "logLevel=warn"))
     assert arg_values(container(quiet, "eztunnel"))["log-level"] == "warn"
@@ -750,49 +763,302 @@ def test_admin_socket_directory_is_the_nodes_at_the_same_path(
     assert "admin" not in {v["name"] for v in pod_spec(teardown)["volumes"]}
 
 
-def test_probes_use_the_local_grpc_api() -> None:
-    for flags, port in (((), 15081), (("--set", "grpcPort=16081"), 16081)):
+def test_probes_are_http_gets_on_the_health_port() -> None:
+    for flags, port in (((), 15021), (("--set", "healthPort=16021"), 16021)):
         c = container(agent_ds(render(*flags)), "eztunnel")
-        addr = f"127.0.0.1:{port}"
-        assert arg_values(c)["grpc-listen"] == addr
-        ready = c["readinessProbe"]
-        assert ready["exec"]["command"] == ["eztunnel-plugin", "health", f"--grpc-addr={addr}"]
-        assert ready["timeoutSeconds"] > 5, "longer than `health`'s own 5 s call timeout"
-        for probe in (c["livenessProbe"], c["startupProbe"]):
-            cmd = probe["exec"]["command"]
-            assert cmd[:2] == ["python3", "-c"]
-            assert f'("127.0.0.1", {port})' in cmd[2]
-        for probe in (ready, c["livenessProbe"], c["startupProbe"]):
-            assert set(probe) & {"grpc", "httpGet", "tcpSocket"} == set(), (
-                "kubelet dials the node IP under hostNetwork; the API is on 127.0.0.1 only"
-            )
-        assert all(p["containerPort"] != port for p in c.get("ports", []))
+        assert arg_values(c)["health-listen"] == f"$(INSTANCE_IP):{port}"
+        assert arg_values(c)["grpc-listen"] == "127.0.0.1:15081"
+        paths = {}
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+            probe = c[kind]
+            # The kubelet dials the pod IP (the node IP under hostNetwork), where health listens.
+            assert probe["httpGet"] == {"path": probe["httpGet"]["path"], "port": port}
+            paths[kind] = probe["httpGet"]["path"]
+            assert probe["timeoutSeconds"] <= probe["periodSeconds"]
+        assert paths == {"startupProbe": "/healthz/live", "livenessProbe": "/healthz/live",
+                         "readinessProbe": "/healthz/ready"}  # fmt: skip
+        assert {"name": "http-health", "containerPort": port, "protocol": "TCP"} in c["ports"]
         assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 120
 
 
-def test_liveness_probe_command_really_detects_the_listener() -> None:
-    """Run the rendered liveness command against a real listener, then a closed port."""
-    c = container(agent_ds(render("--set", "grpcPort=16099")), "eztunnel")
-    cmd = [sys.executable, *c["livenessProbe"]["exec"]["command"][1:]]
-    assert subprocess.run(cmd, check=False, capture_output=True, timeout=30).returncode != 0
-    server = ThreadingHTTPServer(("127.0.0.1", 16099), BaseHTTPRequestHandler)
-    try:
-        assert subprocess.run(cmd, check=False, capture_output=True, timeout=30).returncode == 0
-    finally:
-        server.server_close()
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_no_probe_starts_a_process(scenario: str) -> None:
+    for doc in render(*SCENARIOS[scenario]):
+        if doc["kind"] not in ("DaemonSet", "Job"):
+            continue
+        spec = pod_spec(doc)
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+                if kind in c:
+                    assert "exec" not in c[kind], (doc["metadata"]["name"], c["name"], kind)
 
 
-def test_metrics_port_only_when_enabled() -> None:
-    assert "ports" not in container(agent_ds(render()), "eztunnel")
-    ds = agent_ds(render("--set", "metrics.enabled=true", "--set", "metrics.port=19090"))
+def test_ports_must_differ() -> None:
+    for flags in (("--set", "metrics.port=15021"), ("--set", "healthPort=15081")):
+        result = helm("template", RELEASE, str(CHART), *flags, check=False)
+        assert result.returncode != 0 and "must differ" in result.stderr, result.stderr
+    # Two equal ports are fine while one of them is off.
+    assert render("--set", "metrics.enabled=false", "--set", "metrics.port=15021")
+
+
+def test_metrics_on_by_default_with_scrape_annotations() -> None:
+    ds = agent_ds(render())
     c = container(ds, "eztunnel")
-    assert c["ports"] == [{"name": "http-metrics", "containerPort": 19090, "protocol": "TCP"}]
-    assert arg_values(c)["metrics-listen"] == "$(INSTANCE_IP):19090"
+    assert {"name": "http-metrics", "containerPort": 15020, "protocol": "TCP"} in c["ports"]
+    args = c["args"]
+    assert "--metrics-listen=$(INSTANCE_IP):15020" in args and "--metrics-allow-remote" in args
     names = [e["name"] for e in c["env"]]
     assert "INSTANCE_IP" in names, "$(INSTANCE_IP) expands only from the container's env"
     annotations = ds["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == "19090"
+    assert annotations["prometheus.io/port"] == "15020"
+    assert annotations["prometheus.io/path"] == "/stats/prometheus"
+
+    ds = agent_ds(render("--set", "metrics.port=19090", "--set", "metrics.path=/metrics"))
+    c = container(ds, "eztunnel")
+    assert arg_values(c)["metrics-listen"] == "$(INSTANCE_IP):19090"
+    assert {"name": "http-metrics", "containerPort": 19090, "protocol": "TCP"} in c["ports"]
+    annotations = ds["spec"]["template"]["metadata"]["annotations"]
+    assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == (
+        "19090",
+        "/metrics",
+    )
+    # Scraped another way: the listener stays, the annotations go.
+    ds = agent_ds(render("--set", "metrics.scrapeAnnotations=false"))
+    assert "metrics-listen" in arg_values(container(ds, "eztunnel"))
+    assert not [k for k in ds["spec"]["template"]["metadata"]["annotations"] if "prometheus" in k]
+    # Off: no listener, no port, no annotations.
+    ds = agent_ds(render("--set", "metrics.enabled=false"))
+    c = container(ds, "eztunnel")
+    assert "metrics-listen" not in arg_values(c) and "--metrics-allow-remote" not in c["args"]
+    assert [p["name"] for p in c["ports"]] == ["http-health"]
+    assert not [k for k in ds["spec"]["template"]["metadata"]["annotations"] if "prometheus" in k]
+
+
+# ---- the Grafana dashboard -------------------------------------------------------------------
+
+
+def dashboard_of(docs: list[Doc]) -> Doc:
+    cm = find(docs, "ConfigMap", "eztunnel-grafana-dashboard")
+    assert list(cm["data"]) == ["eztunnel-nodes.json"]
+    board: Doc = json.loads(cm["data"]["eztunnel-nodes.json"])
+    return board
+
+
+def panels_of(board: Doc) -> list[Doc]:
+    out: list[Doc] = []
+    for p in board["panels"]:
+        out.append(p)
+        out.extend(p.get("panels", []))  # a collapsed row holds its panels
+    return out
+
+
+def test_dashboard_configmap_is_behind_a_value() -> None:
+    docs = render()
+    cm = find(docs, "ConfigMap", "eztunnel-grafana-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1", "Grafana's sidecar label"
+    board = dashboard_of(docs)
+    assert board["uid"] == "eztunnel-nodes" and board["title"]
+    assert json.loads((CHART / "files" / "grafana-dashboard.json").read_text()) == board
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["node"]["definition"] == "label_values(eztunnel_agent_info, node)"
+    ids = [p["id"] for p in panels_of(board)]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    queries = [p for p in panels_of(board) if p["type"] != "row"]
+    assert len(queries) >= 15 and all(p["targets"] for p in queries)
+    for p in queries:
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+    custom = render("--set", "grafanaDashboard.labels.dashboards=mesh",
+                    "--set", "grafanaDashboard.annotations.grafana_folder=Istio")  # fmt: skip
+    cm = find(custom, "ConfigMap", "eztunnel-grafana-dashboard")
+    assert cm["metadata"]["labels"]["dashboards"] == "mesh"
+    assert cm["metadata"]["annotations"]["grafana_folder"] == "Istio"
+    off = render("--set", "grafanaDashboard.enabled=false")
+    assert not [d for d in off if d["kind"] == "ConfigMap" and "grafana" in d["metadata"]["name"]]
+
+
+_PROMQL_TOKEN = re.compile(
+    r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<sel>\{[^}]*\})|(?P<range>\[[^\]]*\])'
+    r"|(?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)|(?P<num>\d+(?:\.\d+)?)|(?P<op>==|[-+*/(),<>]))"
+)
+_PROMQL_FUNCTIONS = {"sum", "count", "max", "min", "avg", "rate", "increase", "histogram_quantile"}
+_PROMQL_GROUPING = {"by", "on", "without", "ignoring", "group_left", "group_right"}
+_MATCHER = re.compile(r'([A-Za-z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+
+
+def promql(expr: str) -> tuple[list[tuple[str, list[tuple[str, str, str]]]], set[str]]:
+    """The series selectors of a (simple) PromQL expression, with their label matchers, and
+    the labels it groups or joins on. Refuses what it does not know."""
+    tokens: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(expr.rstrip()):
+        m = _PROMQL_TOKEN.match(expr, pos)
+        assert m is not None and m.lastgroup is not None, f"cannot read {expr[pos:]!r}"
+        tokens.append((m.lastgroup, m.group(m.lastgroup)))
+        pos = m.end()
+    selectors: list[tuple[str, list[tuple[str, str, str]]]] = []
+    grouping: set[str] = set()
+    i = 0
+    while i < len(tokens):
+        kind, text = tokens[i]
+        following = tokens[i + 1] if i + 1 < len(tokens) else ("", "")
+        if kind == "ident" and text in _PROMQL_GROUPING:
+            assert following == ("op", "("), expr
+            close = tokens.index(("op", ")"), i)
+            grouping |= {t for k, t in tokens[i + 2 : close] if k == "ident"}
+            i = close + 1
+            continue
+        if kind == "ident" and (text in _PROMQL_FUNCTIONS or following == ("op", "(")):
+            assert text in _PROMQL_FUNCTIONS, f"unknown function {text} in {expr}"
+            assert following == ("op", "(") or following[1] in _PROMQL_GROUPING, expr
+        elif kind == "ident":
+            matchers = _MATCHER.findall(following[1]) if following[0] == "sel" else []
+            selectors.append((text, matchers))
+            i += following[0] == "sel"  # its matchers are read
+        else:
+            assert kind != "sel", f"a selector without a metric name in {expr}"
+        i += 1
+    return selectors, grouping
+
+
+def exported_series(scrape: str) -> dict[str, list[dict[str, str]]]:
+    """sample name -> the label sets it is exported with (prometheus_client's parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[dict[str, str]]] = {}
+    for family in text_string_to_metric_families(scrape):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append(dict(sample.labels))
+    return out
+
+
+def check_dashboard_queries(board: Doc, scrape: str) -> int:
+    """Every panel query names series the scrape has, with labels and values they have; the
+    labels it groups by and the legends it prints exist too. Returns how many were checked."""
+    exported = exported_series(scrape)
+    node_variable = next(v for v in board["templating"]["list"] if v["name"] == "node")
+    queries = [("$node variable", "label_values(eztunnel_agent_info, node)", "")]
+    assert node_variable["definition"] == queries[0][1]
+    assert any("node" in labels for labels in exported["eztunnel_agent_info"])
+    checked = 0
+    for panel in panels_of(board):
+        for target in panel.get("targets", []):
+            expr, legend = target["expr"], target.get("legendFormat", "")
+            where = f"{panel['title']!r}: {expr}"
+            selectors, grouping = promql(expr)
+            assert selectors, where
+            labels: set[str] = set()
+            for name, matchers in selectors:
+                assert name in exported, f"{where}: the agent exports no {name}"
+                labels |= {k for ls in exported[name] for k in ls}
+                for label, op, wanted in matchers:
+                    values = {ls.get(label) for ls in exported[name]} - {None}
+                    assert values, f"{where}: {name} has no label {label}"
+                    pattern = wanted.replace("$node", ".*")
+                    if op == "=":
+                        assert wanted in values, f"{where}: no {name}{{{label}={wanted!r}}}"
+                    elif op == "=~":
+                        assert any(re.fullmatch(pattern, str(v)) for v in values), where
+            # `instance` is the target label Prometheus adds to every series it scrapes.
+            assert grouping <= labels | {"instance"}, f"{where}: no labels {grouping - labels}"
+            shown = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))
+            assert shown <= labels, f"{where}: the legend names {shown - labels}"
+            checked += 1
+    return checked
+
+
+def full_scrape() -> str:
+    """What the agent's collector renders with every series present (an xDS agent whose data
+    plane is loaded), from a view the test fills."""
+    from eztunnel_plugin.api.metrics import render as render_metrics
+    from eztunnel_plugin.api.view import SelftestStatus, XdsStatus, XdsTypeStatus
+
+    from .api.fake_view import FakeView
+
+    address = XdsTypeStatus("type.googleapis.com/istio.workload.Address", "n", 3)
+    xds = XdsStatus("istiod:15012", True, True, False, 0, 1, 0, "", (address,))
+    view = FakeView(xds_status=xds, selftest=SelftestStatus("attach", "", ()),
+                    counter_values={c.name.lower(): 1 for c in layout.Counter},
+                    pairs_now={"netns_mirror": 0, "capture": 1, "cross_mirror": 2})  # fmt: skip
+    return render_metrics(view).decode()
+
+
+def test_every_dashboard_query_names_a_series_the_collector_exports() -> None:
+    assert check_dashboard_queries(dashboard_of(render()), full_scrape()) >= 20
+
+
+def test_the_dashboard_check_finds_a_query_of_a_series_nobody_exports() -> None:
+    board = dashboard_of(render())
+    target = next(p for p in panels_of(board) if p["type"] != "row")["targets"][0]
+    for broken in (
+        target["expr"].replace("eztunnel_", "eztunnel_old_", 1),
+        'sum(eztunnel_paired_sent_bytes_total{path="sideways"})',
+        'sum by (direction) (eztunnel_paired_sent_bytes_total{path="tcp"})',
+        '{node=~"$node"}',
+    ):
+        target["expr"] = broken
+        with pytest.raises(AssertionError):
+            check_dashboard_queries(board, full_scrape())
+
+
+@pytest.mark.kernel
+def test_the_rendered_probes_scrape_and_dashboard_against_a_real_agent(
+    lab: Any, tmp_path: Path
+) -> None:
+    """The agent started with the chart's own listen flags, against a fake istiod: the
+    rendered httpGet probes succeed the way the kubelet judges them (200-399), Prometheus'
+    annotations lead to the metrics, and every dashboard query names series it exports."""
+    from .conftest import wait_for
+    from .test_agent import AgentProc, free_port
+    from .test_agent_xds import ENV, NODE, Istiod, workload
+
+    health, metrics = free_port(), free_port()
+    docs = render("--set", f"healthPort={health}", "--set", f"metrics.port={metrics}")
+    ds = agent_ds(docs)
+    c = container(ds, "eztunnel")
+    ours = ("--health-listen=", "--metrics-listen=", "--metrics-allow-remote")
+    listen = [a.replace("$(INSTANCE_IP)", "127.0.0.1") for a in c["args"] if a.startswith(ours)]
+    assert len(listen) == 3, c["args"]
+    istiod = Istiod(lab, tmp_path / "workloads.yaml")
+    agent = None
+    try:
+        pod = lab.add_pod()
+        istiod.push([workload(pod, "a")])
+        agent = AgentProc(lab, "--xds-address", istiod.addr, "--xds-plaintext", "--node-name",
+                          NODE, *listen, env=ENV)  # fmt: skip
+
+        def probe(kind: str) -> int:
+            get = c[kind]["httpGet"]
+            url = f"http://127.0.0.1:{get['port']}{get['path']}"
+            try:
+                with urllib.request.urlopen(url, timeout=c[kind]["timeoutSeconds"]) as r:
+                    return int(r.status)
+            except urllib.error.HTTPError as e:
+                return int(e.code)
+            except OSError:
+                return 0  # not listening (yet)
+
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            wait_for(lambda k=kind: 200 <= probe(k) < 400, 30, f"{kind} succeeds")  # type: ignore[misc]
+        annotations = ds["spec"]["template"]["metadata"]["annotations"]
+        url = (f"http://127.0.0.1:{annotations['prometheus.io/port']}"
+               f"{annotations['prometheus.io/path']}")  # fmt: skip
+        with urllib.request.urlopen(url, timeout=10) as r:
+            scrape = r.read().decode()
+        series = exported_series(scrape)
+        assert series["eztunnel_ready"] == [{}] and series["eztunnel_xds_connected"] == [{}]
+        # The first snapshot's pushes (one per xDS type) were timed into the endpoint map.
+        pushes = re.search(r"^eztunnel_push_to_map_duration_seconds_count (\S+)$", scrape, re.M)
+        assert pushes is not None and float(pushes.group(1)) >= 2, scrape
+        assert check_dashboard_queries(dashboard_of(docs), scrape) >= 20
+        log = agent.terminate()
+        assert "Traceback" not in log, log
+    finally:
+        if agent is not None:
+            agent.stop()
+        istiod.proc.kill()
+        istiod.proc.wait(timeout=10)
 
 
 def test_labels_keep_the_agent_out_of_the_mesh() -> None:
@@ -877,17 +1143,15 @@ def test_rendered_agent_command_parses_with_the_real_cli() -> None:
     disable = parser.parse_args(["disable"])
     assert str(disable.admin_socket) == str(args.admin_socket)
     assert args.grpc_listen == "127.0.0.1:16081"
-    assert args.metrics_listen == "10.0.0.1:15082"
+    assert args.metrics_listen == "10.0.0.1:15020" and args.metrics_allow_remote
+    assert args.health_listen == "10.0.0.1:16021"
 
 
 def test_rendered_commands_parse_with_the_real_cli() -> None:
-    """The probe and teardown command lines the chart renders are accepted by eztunnel-plugin's
-    own parser (the agent's own command line: the test above)."""
+    """The teardown command line the chart renders is accepted by eztunnel-plugin's own parser
+    (the agent's own command line: the test above; the probes start no command)."""
     parser = cli.build_parser()
     docs = render(*SCENARIOS["everything-on"])
-    c = container(agent_ds(docs), "eztunnel")
-    health = parser.parse_args(c["readinessProbe"]["exec"]["command"][1:])
-    assert health.grpc_addr == "127.0.0.1:16081"
     teardown = container(find(docs, "DaemonSet", "eztunnel-uninstall"), "uninstall")
     un = parser.parse_args(teardown["command"][1:])
     assert un.func is cli.cmd_uninstall and str(un.bpffs) == "/host/sys/fs/bpf/ezprod"
@@ -1236,11 +1500,11 @@ BIND_EXEC = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
 INSTALL_TWICE = """
 import sys
 from pathlib import Path
-from eztunnel_plugin.bpf import dataplane
+from eztunnel_plugin.bpf import loader
 bpffs, cgroup = Path(sys.argv[1]), Path(sys.argv[2])
 for expect_reuse in (False, True):
     # isolated: the agent loads in a child process, so fork/exec runs under the filter too.
-    dp = dataplane.Dataplane.install_or_reuse(bpffs, cgroup, isolated=True)
+    dp = loader.install_or_reuse(bpffs, cgroup, isolated=True)
     assert dp.reused is expect_reuse, (dp.reused, expect_reuse)
     dp.close()
 print("installed and reused")
@@ -1311,7 +1575,7 @@ def test_chart_confinement_suffices_for_the_agent_and_the_teardown(
     assert "installed and reused" in ok.stdout
     # The pins landed in the node's directory, where the next agent (and node root) find them.
     pinned = set(os.listdir(view.host_dir))
-    assert pinned >= {*layout.MAPS, dataplane.LINK_SOCKOPS, dataplane.LINK_MSG}, pinned
+    assert pinned >= {*layout.MAPS, loader.LINK_SOCKOPS, loader.LINK_MSG}, pinned
 
     un = view.run(teardown_caps, RUNTIME_DEFAULT_REFUSES, [*uninstall])
     assert un.returncode == 0, un.stdout + un.stderr

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from eztunnel_plugin import config
-from eztunnel_plugin.bpf import dataplane
-from eztunnel_plugin.config import ConfigError, from_args
+from eztunnel_plugin.bpf import paths
+from eztunnel_plugin.config import from_args
+from eztunnel_plugin.errors import ConfigError
 
 PY = sys.executable
-CGROUP = str(dataplane.cgroup2_root())
+CGROUP = str(paths.cgroup2_root())
 XDS = ["--xds-address", "127.0.0.1:15010", "--node-name", "n"]
 
 
@@ -172,3 +173,13 @@ def test_cli_bad_settings_exit_2_with_one_line(tmp_path: Path) -> None:
         assert r.returncode == 2, (argv, r.stderr)
         assert len(lines) == 1 and setting in lines[0], (argv, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_health_listen_is_off_by_default_and_checked() -> None:
+    assert parse(*XDS, "--xds-plaintext").health_listen is None
+    cfg = parse(*XDS, "--xds-plaintext", "--health-listen", "10.1.2.3:15021")
+    assert cfg.health_listen == config.Listen("10.1.2.3", 15021)
+    # Health only: a node address needs no --*-allow-remote (it is what kubelet dials).
+    assert not cfg.health_listen.loopback
+    e = problem(*XDS, "--xds-plaintext", "--health-listen", "15021")
+    assert str(e) == "--health-listen: expected HOST:PORT, got '15021'"

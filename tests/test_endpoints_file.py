@@ -17,15 +17,15 @@ from eztunnel_plugin.endpoints_file import (
     MAX_BYTES,
     MAX_ENDPOINTS,
     MAX_ERROR,
-    EndpointsFileError,
     StaticEndpoints,
     load,
     parse,
 )
+from eztunnel_plugin.errors import EndpointsFileError
 from eztunnel_plugin.reconciler import MemorySink, Reconciler
 from tests.conftest import wait_for
 from tests.test_agent import AgentProc
-from tests.xds_testlib import run
+from tests.xds.testlib import run
 
 # 305 bytes that expand to 9**8 (43 million) strings when constructed.
 ALIAS_BOMB = (

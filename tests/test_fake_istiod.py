@@ -30,8 +30,8 @@ from eztunnel_lab.fake_istiod import (
 from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2, discovery_pb2_grpc
 from eztunnel_plugin.pb.istio.security import authorization_pb2 as az
 from eztunnel_plugin.pb.istio.workload import workload_pb2 as wl
-from eztunnel_plugin.state.workloads import ADDRESS_TYPE, AUTHORIZATION_TYPE
-from tests.xds_testlib import packed, run
+from eztunnel_plugin.xds.types import ADDRESS_TYPE, AUTHORIZATION_TYPE
+from tests.xds.testlib import packed, run
 
 ISSUE_EXAMPLE = """
 workloads:

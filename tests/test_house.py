@@ -279,42 +279,102 @@ def test_no_import_cycle_at_runtime(package: str) -> None:
     assert not found, "import cycles (function-level imports included):\n" + "\n".join(found)
 
 
-# api, metrics (and admin) type their back-reference to the Agent, which imports them.
-AGENT_MODULE = f"{AGENT}.agent"
-
-
-@pytest.mark.parametrize(
-    "package",
-    [
-        LAB,
-        pytest.param(
-            AGENT,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="agent <-> api <-> metrics (and admin) under TYPE_CHECKING: their Agent "
-                "back-references; remove this mark when that area no longer imports agent",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("package", [LAB, AGENT])
 def test_no_import_cycle_under_type_checking(package: str) -> None:
     found = cycles(package, type_checking=True)
     assert not found, "import cycles (TYPE_CHECKING included):\n" + "\n".join(found)
 
 
-def test_agent_type_checking_cycles_are_only_agent_back_references() -> None:
-    """Until the known cycle goes, no other kind may join it: without the TYPE_CHECKING
-    imports of the agent module itself, the graph has no cycle."""
-    runtime = import_graph(AGENT, type_checking=False)
-    edges = import_graph(AGENT, type_checking=True)
-    for module, targets in edges.items():
-        if AGENT_MODULE in targets and AGENT_MODULE not in runtime[module]:
-            targets.discard(AGENT_MODULE)
-    found = [" -> ".join(a_cycle(c, edges)) for c in strongly_connected(edges)]
-    assert not found, "import cycles under TYPE_CHECKING:\n" + "\n".join(found)
-    assert strongly_connected(import_graph(AGENT, type_checking=True)), (
-        "the known cycle is gone: remove the xfail above and this test"
+# ---- the API sees the agent through its view only -------------------------------------
+
+API = f"{AGENT}.api"
+
+
+def test_the_api_never_imports_the_agent_module() -> None:
+    """inspector, admin and metrics get an api.view.AgentView, never the Agent: no import
+    of the agent module from api/, not even under TYPE_CHECKING."""
+    files = {m: p for m, p in module_files(AGENT).items() if m == API or m.startswith(f"{API}.")}
+    assert {f"{API}.inspector", f"{API}.admin", f"{API}.metrics", f"{API}.view"} <= set(files)
+    offenders = [
+        f"{module}:{imp.line}: {imp.target}"
+        for module, path in files.items()
+        for imp in imports_of(path.read_text(), module, path.name == "__init__.py")
+        if imp.target == f"{AGENT}.agent" or imp.target.startswith(f"{AGENT}.agent.")
+    ]
+    assert not offenders, "the API imports the agent:\n" + "\n".join(offenders)
+
+
+# ---- one module for errors -------------------------------------------------------------
+
+ERRORS = f"{AGENT}.errors"
+
+
+def agent_modules() -> dict[str, Path]:
+    """Every hand-written module but __main__ (importing it runs the CLI)."""
+    return {m: p for m, p in module_files(AGENT).items() if p.name != "__main__.py"}
+
+
+def test_every_exception_class_lives_in_errors() -> None:
+    from eztunnel_plugin import errors
+
+    strays = []
+    for module in agent_modules():
+        mod = importlib.import_module(module)
+        for name, obj in vars(mod).items():
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, BaseException)
+                and obj.__module__ == module
+                and module != ERRORS
+            ):
+                strays.append(f"{module}.{name}")
+    assert not strays, "exception classes outside errors.py:\n" + "\n".join(strays)
+
+    classes = {
+        name: obj
+        for name, obj in vars(errors).items()
+        if isinstance(obj, type) and issubclass(obj, BaseException)
+    }
+    assert {"EztunnelError", "ConfigError", "DataplaneError", "BpfError", "Rejected"} <= set(
+        classes
     )
+    for name, cls in classes.items():
+        assert issubclass(cls, errors.EztunnelError), name
+        assert cls.__doc__ and cls.__doc__.strip(), f"{name} has no docstring"
+    # A leaf: any module may import it without making a cycle.
+    own = imports_of((SRC / AGENT / "errors.py").read_text(), ERRORS)
+    assert not [i.target for i in own if i.target.startswith(AGENT)]
+
+
+# ---- tests mirror the agent package ----------------------------------------------------
+
+TESTS = ROOT / "tests"
+
+
+def mirrored_test(module: str) -> Path:
+    """eztunnel_plugin.api.inspector -> tests/api/test_inspector.py."""
+    *packages, leaf = module.split(".")[1:]
+    return TESTS.joinpath(*packages, f"test_{leaf}.py")
+
+
+def test_mirror_maps_modules_to_test_files() -> None:
+    assert mirrored_test(f"{AGENT}.api.inspector") == TESTS / "api" / "test_inspector.py"
+    assert mirrored_test(f"{AGENT}.cli") == TESTS / "test_cli.py"
+    assert mirrored_test(f"{AGENT}.bpf.maps") == TESTS / "bpf" / "test_maps.py"
+
+
+def test_every_agent_module_has_its_mirrored_test_file() -> None:
+    modules = [m for m, p in agent_modules().items() if p.name != "__init__.py"]
+    assert f"{AGENT}.agent" in modules and f"{AGENT}.api.view" in modules
+    missing = [
+        f"{m} -> {mirrored_test(m).relative_to(ROOT)}"
+        for m in modules
+        if not mirrored_test(m).is_file()
+    ]
+    assert not missing, "modules without their test file:\n" + "\n".join(missing)
+    # A sub-directory of tests/ is a package too: equal basenames would clash otherwise.
+    for test_dir in {mirrored_test(m).parent for m in modules}:
+        assert (test_dir / "__init__.py").is_file(), f"{test_dir} has no __init__.py"
 
 
 # ---- the agent's CLI in the image ---------------------------------------------------

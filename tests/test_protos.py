@@ -1,6 +1,6 @@
-"""Our .proto files against istio-ambient-facts.md sections 1-3: names, numbers, types.
+"""Our .proto files against upstream's names, numbers and types (docs/ambient.md, "Field numbers").
 
-The tables below are transcribed from the facts sheet, independently of proto/, so a
+The tables below are transcribed from upstream's protos, independently of proto/, so a
 typo in either shows up here. Plus hand-encoded bytes decoded by the generated code,
 to check the wire format without trusting our own serializer.
 """
@@ -241,14 +241,14 @@ def _find(full_name: str) -> Any:
 
 
 @pytest.mark.parametrize("name", sorted(FIELDS))
-def test_message_fields_match_facts_sheet(name: str) -> None:
+def test_message_fields_match_the_contract(name: str) -> None:
     desc = _find(name)
     got = {f.name: (f.number, f.type, f.is_repeated) for f in desc.fields}
     assert got == FIELDS[name]
 
 
 @pytest.mark.parametrize("name", sorted(ENUMS))
-def test_enum_values_match_facts_sheet(name: str) -> None:
+def test_enum_values_match_the_contract(name: str) -> None:
     desc = _find(name)
     assert {v.name: v.number for v in desc.values} == ENUMS[name]
 

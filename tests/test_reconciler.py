@@ -12,23 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from eztunnel_plugin.bpf import dataplane, layout, syscalls
+from eztunnel_plugin.bpf import layout, maps, syscalls
+from eztunnel_plugin.errors import BpfError
 from eztunnel_plugin.reconciler import EZ_EP_ENROLLED, MemorySink, Reconciler, plan
-from eztunnel_plugin.state.workloads import (
-    ADDRESS_TYPE,
-    AUTHORIZATION_TYPE,
-    Snapshot,
-    WorkloadState,
-)
-from tests.xds_testlib import NODE, run, wl_res
+from eztunnel_plugin.state.snapshot import Snapshot
+from eztunnel_plugin.state.workloads import ADDRESSES, AUTHORIZATIONS, WorkloadState
+from tests.state import testlib
+from tests.state.testlib import NODE, by_uid, workload
+from tests.xds.testlib import run
 
 
 def complete_state(*ips: str) -> WorkloadState:
-    s = WorkloadState(NODE)
-    s.apply(ADDRESS_TYPE, [wl_res(f"u/{ip}", ip) for ip in ips])
-    s.mark_synced(ADDRESS_TYPE)
-    s.mark_synced(AUTHORIZATION_TYPE)
-    return s
+    return testlib.complete_state(*(workload(f"u/{ip}", ip) for ip in ips))
 
 
 def test_enrolled_flag_matches_bpf_header() -> None:
@@ -39,11 +34,11 @@ def test_fail_closed_until_every_type_synced() -> None:
     s = WorkloadState(NODE)
     sink = MemorySink({"10.9.9.9": 1})  # left by a previous agent
     rec = Reconciler(s, sink)
-    s.apply(ADDRESS_TYPE, [wl_res("u/a", "10.0.0.1")])
-    s.mark_synced(ADDRESS_TYPE)
+    s.apply_addresses(by_uid(workload("u/a", "10.0.0.1")))
+    s.mark_synced(ADDRESSES)
     assert rec.reconcile() is False
     assert sink.entries == {"10.9.9.9": 1} and sink.ops == []  # untouched, nothing enrolled
-    s.mark_synced(AUTHORIZATION_TYPE)
+    s.mark_synced(AUTHORIZATIONS)
     assert rec.reconcile() is True
     assert sink.entries == {"10.0.0.1": 1}
     assert rec.applied_version == s.version
@@ -163,7 +158,7 @@ def test_run_retries_sink_errors_and_follows_changes() -> None:
             await asyncio.wait_for(rec.wait_applied(s.version), 5)
             assert rec.errors == 2
             assert sink.entries == {"10.0.0.1": 1, "10.0.0.2": 1}
-            s.apply(ADDRESS_TYPE, [wl_res("u/10.0.0.3", "10.0.0.3")], removed=["u/10.0.0.1"])
+            s.apply_addresses(by_uid(workload("u/10.0.0.3", "10.0.0.3")), ["u/10.0.0.1"])
             await asyncio.wait_for(rec.wait_applied(s.version), 5)
             assert sink.entries == {"10.0.0.2": 1, "10.0.0.3": 1}
         finally:
@@ -190,22 +185,15 @@ def test_resync_rereads_the_map() -> None:
 
 @pytest.mark.kernel
 def test_against_real_endpoint_map() -> None:
-    """The reconciler on dataplane.EndpointMap over an anonymous BPF hash map (no program)."""
+    """The reconciler on maps.EndpointMap over an anonymous BPF hash map (no program)."""
     try:
-        fd = syscalls._bpf(
-            0,  # BPF_MAP_CREATE
-            syscalls._attr(
-                (0, "=I", 1),  # BPF_MAP_TYPE_HASH
-                (4, "=I", ctypes.sizeof(layout.Addr)),
-                (8, "=I", ctypes.sizeof(layout.Endpoint)),
-                (12, "=I", 64),
-            ),
-            "map create",
+        fd = syscalls.map_create(
+            syscalls.MAP_TYPE_HASH, ctypes.sizeof(layout.Addr), ctypes.sizeof(layout.Endpoint), 64
         )
-    except syscalls.BpfError as e:
+    except BpfError as e:
         pytest.skip(f"cannot create a BPF map here: {e}")
     try:
-        ep = dataplane.EndpointMap(fd)
+        ep = maps.EndpointMap(fd)
         ep.put("10.0.0.9", EZ_EP_ENROLLED)  # left by a previous agent, gone now
         ep.put("10.0.0.2", EZ_EP_ENROLLED | 0b10)
         ep.put("127.0.0.1", EZ_EP_ENROLLED)  # never valid: removed by the first write
@@ -213,13 +201,13 @@ def test_against_real_endpoint_map() -> None:
         rec = Reconciler(s, ep)
         rec.reconcile()
         assert ep.read_all() == {"10.0.0.1": 1, "10.0.0.2": 1, "fd00::1": 1}
-        s.apply(
-            ADDRESS_TYPE, [wl_res("u/::ffff:10.0.0.7", "::ffff:10.0.0.7")], removed=["u/fd00::1"]
-        )
+        s.apply_addresses(by_uid(workload("u/::ffff:10.0.0.7", "::ffff:10.0.0.7")), ["u/fd00::1"])
         rec.reconcile()
         assert ep.read_all() == {"10.0.0.1": 1, "10.0.0.2": 1, "10.0.0.7": 1}
         # a local workload carrying loopback and metadata addresses: only its pod address
-        s.apply(ADDRESS_TYPE, [wl_res("u/odd", "127.0.0.1", "::1", "169.254.169.254", "10.0.0.8")])
+        s.apply_addresses(
+            by_uid(workload("u/odd", "127.0.0.1", "::1", "169.254.169.254", "10.0.0.8"))
+        )
         rec.reconcile()
         assert ep.read_all() == {"10.0.0.1": 1, "10.0.0.2": 1, "10.0.0.7": 1, "10.0.0.8": 1}
         assert s.refused_total == 3

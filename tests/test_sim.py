@@ -1,6 +1,7 @@
 """The ambient node simulator on the real kernel (issue 5): istio-cni's rules capture
 traffic into the ztunnel stand-in, pod A -> pod B works and is intact with and without
-the agent, and everything is removed afterwards, also when a step fails."""
+the agent, and everything is removed afterwards, also when a step fails. These run on
+the HAProxy stand-in; the HBONE one (the default) has tests/test_hbone.py."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.kernel
 @pytest.fixture
 def node() -> Iterator[AmbientNode]:
     require_root()
-    with AmbientNode(("a", "b"), agent=False) as n:
+    with AmbientNode(("a", "b"), agent=False, standin="haproxy") as n:
         yield n
 
 
@@ -252,8 +253,9 @@ def test_everything_removed_when_a_step_fails_after_the_agent_started() -> None:
     node = AmbientNode(("a", "b"), agent=True)
     pids: list[int] = []
     with pytest.raises(RuntimeError, match="injected"), node:
-        assert node.haproxy and node.istiod and node.agent_proc
-        pids = [node.haproxy.pid, node.istiod.pid, node.agent_proc.pid]
+        assert node.standin == "hbone"  # the default stand-in
+        assert node.proxy and node.istiod and node.agent_proc
+        pids = [node.proxy.pid, node.istiod.pid, node.agent_proc.pid]
         assert (node.lab.bpffs / "link_sockops").exists()
         raise RuntimeError("injected")
     assert leftovers(node, pids) == []
@@ -280,7 +282,7 @@ def test_everything_removed_when_the_stand_in_does_not_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(standin, "config", lambda *a, **k: "global\n    no-such-keyword\n")
-    node = AmbientNode(("a", "b"), agent=False)
+    node = AmbientNode(("a", "b"), agent=False, standin="haproxy")
     with pytest.raises(SimError, match="haproxy rejected"), node:
         pass
     assert leftovers(node, []) == []

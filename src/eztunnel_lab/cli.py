@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from eztunnel_lab import __version__
+from eztunnel_plugin.cli import dispatch
 
 PROG = "eztunnel-lab"
 
@@ -45,14 +46,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
-    try:
-        code: int = args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    return code
+    return dispatch(
+        lambda args: build_parser(next((a for a in args if not a.startswith("-")), None)), argv
+    )
 
 
 if __name__ == "__main__":

@@ -16,12 +16,18 @@ import textwrap
 import time
 
 from eztunnel_lab import measure as ms
-from eztunnel_lab.sim import AGENT_API, FLOWCHECK_PORT, AmbientNode, SimError, describe
+from eztunnel_lab.sim import AGENT_API, FLOWCHECK_PORT, STANDINS, AmbientNode, SimError, describe
 from eztunnel_plugin import client, log
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=int, default=2, help="per measurement (default 2)")
+    p.add_argument(
+        "--standin",
+        choices=STANDINS,
+        default=STANDINS[0],
+        help="the ztunnel stand-in (default %(default)s)",
+    )
 
 
 def para(text: str) -> None:
@@ -88,18 +94,25 @@ def table(before: dict[str, str | float], after: dict[str, str | float]) -> str:
     return client.table(("", "ambient", "+ eztunnel-plugin", "after/before"), rows)
 
 
-def run(seconds: int) -> int:
-    node = AmbientNode(("client", "server"), agent=False)
+def run(seconds: int, standin: str = STANDINS[0]) -> int:
+    node = AmbientNode(("client", "server"), agent=False, standin=standin)
+    hb = standin == "hbone"
+    proxy = (
+        "eztunnel-hbone, which speaks HBONE as ztunnel does: HTTP/2 CONNECT streams inside "
+        "mutual TLS 1.3 between the pods, pooled per source and destination, up to 100 "
+        "streams per connection"
+        if hb
+        else "one HAProxy process, one mutual-TLS connection per application connection"
+    )
     try:
         with node:
             say(
                 "1. A simulated ambient node",
-                """Two pods (network namespaces on a bridge, each
+                f"""Two pods (network namespaces on a bridge, each
                 in its own cgroup) with istio-cni's in-pod REDIRECT rules; a ztunnel stand-in
-                (one HAProxy process listening inside each pod on 15001/15006/15008, mutual TLS
-                between the pods, transparent source towards the app, every socket marked
-                0x539); and a simulated istiod that lists both pods as in-mesh workloads of
-                this node.""",
+                listening inside each pod on 15001/15006/15008 ({proxy}; transparent source
+                towards the app, every socket marked 0x539); and a simulated istiod that lists
+                both pods as in-mesh workloads of this node.""",
             )
             print(describe(node), flush=True)
             ms.start_servers(node)
@@ -110,7 +123,7 @@ def run(seconds: int) -> int:
                 f"""client -> server traffic: every connection
                 crosses the kernel's TCP/IP stack three times (app -> ztunnel, ztunnel ->
                 ztunnel over mTLS, ztunnel -> app). Each measurement below is checked against
-                HAProxy's connection counters, so it really went through the stand-in.
+                the stand-in's counters, so it really went through it.
                 ({seconds} s per measurement)""",
             )
             before = measure(ms.Side("baseline", node), seconds)
@@ -123,6 +136,14 @@ def run(seconds: int) -> int:
                 and puts the in-mesh pods of this node into its endpoint map.""",
             )
             node.start_agent()
+            if hb:
+                # The pool's tunnels from step 2 were opened before the agent: they stay
+                # on TCP for their life (minutes in ztunnel). Close the idle ones now, as
+                # 5 idle minutes would, so that step 5 measures freshly opened tunnels.
+                n = node.release_idle_tunnels()
+                para(f"""Closed {n} idle pooled tunnel(s) opened before the agent
+                    started: the agent pairs sockets when they connect, so a tunnel that
+                    predates it stays on TCP until the pool releases it.""")
             show(node, "status")
             show(node, "endpoints")
 
@@ -132,8 +153,8 @@ def run(seconds: int) -> int:
                 500 Mbit/s for 4 s). One application connection is six sockets; the agent
                 pairs them three times: app <-> ztunnel in the client pod (rule `capture`,
                 found through the REDIRECT), ztunnel <-> ztunnel across the pods (the mTLS
-                leg, `cross_mirror`), and ztunnel <-> app in the server pod
-                (`netns_mirror`). iperf3 opens a control and a data connection: 6 pairs.""",
+                leg, `cross_mirror`: with HBONE one pooled tunnel carries many
+                connections), and ztunnel <-> app in the server pod (`netns_mirror`).""",
             )
             live = ms.iperf3_argv(srv.ip, ms.IPERF_PORT, 4, rate="500M")
             flow = node.spawn(node.pods[0], live, stdout=subprocess.DEVNULL)
@@ -146,7 +167,7 @@ def run(seconds: int) -> int:
             say(
                 "5. After: the same measurements with the agent",
                 """Now every hop is
-                spliced: bytes go socket to socket inside the kernel. HAProxy still
+                spliced: bytes go socket to socket inside the kernel. The stand-in still
                 terminates and re-encrypts TLS and still counts every connection.""",
             )
             after = measure(ms.Side("plugin", node), seconds)
@@ -185,6 +206,6 @@ def main(args: argparse.Namespace) -> int:
     log.configure("console", "warning")
     seconds = int(getattr(args, "seconds", 2))
     started = time.monotonic()
-    code = run(seconds)
+    code = run(seconds, str(getattr(args, "standin", STANDINS[0])))
     print(f"({time.monotonic() - started:.0f} s)", flush=True)
     return code

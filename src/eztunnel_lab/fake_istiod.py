@@ -34,7 +34,7 @@ from eztunnel_plugin import log
 from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2, discovery_pb2_grpc
 from eztunnel_plugin.pb.istio.security import authorization_pb2 as authz_pb
 from eztunnel_plugin.pb.istio.workload import workload_pb2 as wl_pb
-from eztunnel_plugin.state.workloads import ADDRESS_TYPE, AUTHORIZATION_TYPE
+from eztunnel_plugin.xds.types import ADDRESS_TYPE, AUTHORIZATION_TYPE
 
 _log = log.get(__name__)
 

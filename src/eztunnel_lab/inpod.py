@@ -1,7 +1,7 @@
 """istio-cni's ambient in-pod redirection (1.24+, REDIRECT mode), installed in a pod netns.
 
-The rules are `cni/pkg/iptables/testdata/default.golden` (identical 1.25 -> HEAD,
-istio-ambient-facts.md section 4.3) without the DNS-capture rules (nat udp/tcp 53
+The rules are `cni/pkg/iptables/testdata/default.golden` (identical 1.25 -> HEAD;
+docs/ambient.md, "The in-pod rules") without the DNS-capture rules (nat udp/tcp 53
 -> 15053 and the raw-table CT zones): the simulator has no DNS proxy, and no DNS
 traffic is involved in what it measures. Plus the netlink state istio-cni adds:
 `ip rule fwmark 0x111/0xfff pref 32764 lookup 100` and a `local` default route in

@@ -23,6 +23,7 @@ from eztunnel_lab.netlab import Lab, Pod
 from eztunnel_lab.sim import AmbientNode, SimError, check_path, set_affinity
 
 SOCKPERF_PORT, IPERF_PORT, FCT_PORT = 11111, 5201, 9100
+PINGPONG6_PORT, IPERF6_PORT, CONNS_PORT = 11112, 5202, 9200  # IPv6 servers, conns (dual stack)
 FCT_SIZES = (1024, 10240, 102400, 1048576)
 ALL_CPUS = set(range(os.cpu_count() or 1))
 CPU_RATE = "2G"  # paced load for CPU per GB: below what either side can carry
@@ -93,6 +94,7 @@ class Side:
     name: str  # "baseline" or "plugin"
     node: AmbientNode
     connections: int = 0  # application connections measured (each crossed every hop)
+    tunnels: int = 0  # pod-to-pod TLS connections they opened (HBONE pools: far fewer)
     splices: Counter[str] = field(default_factory=Counter)  # pairs per rule, np_* reasons
 
     @property
@@ -104,15 +106,24 @@ class Side:
         return self.node.pods[1].name
 
 
-def start_servers(node: AmbientNode) -> None:
-    """sockperf, iperf3 and fct servers in the server pod; returns once they listen."""
+def start_servers(node: AmbientNode, ipv6: bool = False) -> None:
+    """sockperf, iperf3, fct and conns servers in the server pod (with `ipv6`, also
+    sockperf and iperf3 on its IPv6 address); returns once they listen."""
     srv = node.pods[1]
     ports = spawn_servers(
         node.lab, srv.pod, None, srv.ip, sockperf=[SOCKPERF_PORT], iperf3=[IPERF_PORT]
     )
-    argv = traffic.command("fct", "server", "--port", str(FCT_PORT))
-    node.spawn(srv, argv, stdout=subprocess.DEVNULL)
-    node.wait_listening(srv.netns, [*ports, FCT_PORT], "benchmark servers")
+    if ipv6:
+        ports += spawn_servers(node.lab, srv.pod, None, srv.pod.ip6, iperf3=[IPERF6_PORT])
+        # sockperf 3.7 has no IPv6: a Python ping-pong (pinned to CPU 0 like sockperf's)
+        echo = traffic.command("conns", "echo", "--port", str(PINGPONG6_PORT))
+        node.spawn(srv, [*_cpu0(True), *echo], stdout=subprocess.DEVNULL)
+        ports.append(PINGPONG6_PORT)
+    for tool, port in (("fct", FCT_PORT), ("conns", CONNS_PORT)):
+        node.spawn(
+            srv, traffic.command(tool, "server", "--port", str(port)), stdout=subprocess.DEVNULL
+        )
+    node.wait_listening(srv.netns, [*ports, FCT_PORT, CONNS_PORT], "benchmark servers")
 
 
 @dataclass
@@ -152,10 +163,13 @@ def iperf3_client(
     return Bulk(float(rx["bits_per_second"]) / 1e9, int(rx["bytes"]))
 
 
-def iperf3(node: AmbientNode, seconds: int, streams: int, rate: str = "") -> Bulk:
+def iperf3(
+    node: AmbientNode, seconds: int, streams: int, rate: str = "", ipv6: bool = False
+) -> Bulk:
     """Client pod -> server pod; `rate` paces each stream (iperf3 -b), "" for unlimited."""
     cli, srv = node.pods[0], node.pods[1]
-    return iperf3_client(node.lab, cli.pod, None, srv.ip, IPERF_PORT, seconds, streams, rate)
+    host, port = (srv.pod.ip6, IPERF6_PORT) if ipv6 else (srv.ip, IPERF_PORT)
+    return iperf3_client(node.lab, cli.pod, None, host, port, seconds, streams, rate)
 
 
 def tcp_memory_pages() -> int:
@@ -201,9 +215,12 @@ def proven(side: Side, conns: int, run: Callable[[], T]) -> T:
     node = side.node
     settle()
     before, c0 = node.standin_stats(), node.counters()
+    t0 = node.tunnels(side.client, side.server)
     result = run()
     hops = check_path(before, node.standin_stats(), side.client, side.server, conns)
     side.connections += min(hops.values())
+    t1 = node.tunnels(side.client, side.server)
+    side.tunnels += t1.opened - t0.opened if t0 and t1 else min(hops.values())
     if side.name == "baseline":
         if node.lab.bpffs.exists() or node.counters():
             raise SimError("the baseline node has eztunnel programs attached")
@@ -217,15 +234,38 @@ def proven(side: Side, conns: int, run: Callable[[], T]) -> T:
     return result
 
 
-def latency(node: AmbientNode, pin: bool, seconds: int) -> dict[str, float]:
+def latency(node: AmbientNode, pin: bool, seconds: int, ipv6: bool = False) -> dict[str, float]:
     """sockperf 64-byte ping-pong client pod -> server pod: p50/p99 one-way, in us.
     Pinned: the client (taskset), the server, the stand-in and the agent all on CPU 0."""
     cli, srv = node.pods[0], node.pods[1]
     set_affinity(node.node_pids(), {0} if pin else ALL_CPUS)
     try:
+        if ipv6:
+            return _pingpong(node, pin, seconds)
         return sockperf(node.lab, cli.pod, cli.cgroup, srv.ip, SOCKPERF_PORT, pin, seconds)
     finally:
         set_affinity(node.node_pids(), ALL_CPUS)
+
+
+def _pingpong(node: AmbientNode, pin: bool, seconds: int) -> dict[str, float]:
+    """The IPv6 ping-pong (traffic/conns.py), to the server pod's IPv6 address."""
+    cli, srv = node.pods[0], node.pods[1]
+    argv = traffic.command(
+        "conns",
+        "pingpong",
+        "--connect",
+        srv.pod.ip6,
+        "--port",
+        str(PINGPONG6_PORT),
+        "--seconds",
+        str(seconds),
+    )
+    proc = node.spawn(cli, [*_cpu0(pin), *argv], stdout=subprocess.PIPE)
+    out, _ = proc.communicate(timeout=seconds + 30)
+    result = traffic.report(out)
+    if not result.get("ok"):
+        raise SimError(f"IPv6 ping-pong: {result}")
+    return {"p50": float(result["p50"]), "p99": float(result["p99"])}
 
 
 def paced_cpu(node: AmbientNode, seconds: int) -> tuple[float, Bulk]:

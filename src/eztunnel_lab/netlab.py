@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from eztunnel_plugin.bpf import dataplane, syscalls
+from eztunnel_plugin.bpf import loader, paths, syscalls
 
 CLONE_NEWNET = 0x40000000
 BPFFS_ROOT = Path("/sys/fs/bpf")
@@ -33,9 +33,11 @@ def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def listening(netns: str, ports: Iterable[int]) -> bool:
-    """Whether the netns has a TCP listener on every port (on any address)."""
-    out = run("ip", "netns", "exec", netns, "ss", "-ltnH").stdout
+def listening(netns: str | None, ports: Iterable[int]) -> bool:
+    """Whether the netns (None: this process's own) has a TCP listener on every port (on
+    any address)."""
+    inside = () if netns is None else ("ip", "netns", "exec", netns)
+    out = run(*inside, "ss", "-ltnH").stdout
     # ss -ltnH: state, recv-q, send-q, local address:port, peer address:port
     bound = {line.split()[3].rpartition(":")[2] for line in out.splitlines() if line.strip()}
     return all(str(port) in bound for port in ports)
@@ -62,7 +64,7 @@ def wait_until(
 
 
 def wait_listening(
-    netns: str,
+    netns: str | None,
     ports: Iterable[int],
     timeout: float = 10.0,
     proc: subprocess.Popen[bytes] | None = None,
@@ -70,13 +72,13 @@ def wait_listening(
 ) -> None:
     """Wait until every port listens in the netns (see wait_until)."""
     want = list(ports)
-    what = what or f"a listener on port(s) {want} in {netns}"
+    what = what or f"a listener on port(s) {want} in {netns or 'this netns'}"
     wait_until(lambda: listening(netns, want), timeout, what, proc)
 
 
 def ensure_bpffs() -> None:
     """Mount bpffs at /sys/fs/bpf if nothing is mounted there yet."""
-    if not dataplane._is_bpffs(BPFFS_ROOT):
+    if not paths.is_bpffs(BPFFS_ROOT):
         run("mount", "-t", "bpf", "bpf", str(BPFFS_ROOT))
 
 
@@ -136,7 +138,7 @@ class Lab(Managed):
 
     def __post_init__(self) -> None:
         self.node = f"ezn-{self.tag}"
-        self.cgroup = dataplane.cgroup2_root() / f"eztest-{self.tag}"
+        self.cgroup = paths.cgroup2_root() / f"eztest-{self.tag}"
         self.bpffs = BPFFS_ROOT / f"eztest-{self.tag}"
 
     def start(self) -> None:
@@ -215,7 +217,7 @@ class Lab(Managed):
                 proc.wait(timeout=10)
         if self.bpffs.exists():
             with contextlib.suppress(Exception):
-                dataplane.uninstall(self.bpffs)
+                loader.uninstall(self.bpffs)
         for name in reversed(self._netns):
             run("ip", "netns", "del", name, check=False)
         self._netns.clear()

@@ -10,7 +10,9 @@ Layout (everything carries the lab's tag and is removed by close(), even on fail
   `ztunnel` (the stand-in, with simmark's sock_create program: mark 0x539),
   `agent` (eztunnel-plugin run), `istiod` (the fake istiod, not part of the node);
 - in every pod netns the rules of istio-cni REDIRECT mode (inpod.py);
-- HAProxy (standin.py) in the node netns, listening inside every pod netns;
+- the ztunnel stand-in in the node netns, listening inside every pod netns:
+  `hbone` (default: eztunnel-hbone, HTTP/2 CONNECT in mutual TLS, pooled as ztunnel
+  does; hbone.py) or `haproxy` (HAProxy, one TLS connection per flow; standin.py);
 - the fake istiod and the agent in the node netns, on its private loopback (so
   the default ports never collide with anything on the host): istiod serves the
   pods as in-mesh workloads of this node; the agent attaches its programs to the
@@ -35,9 +37,11 @@ from typing import Any
 
 import yaml
 
-from eztunnel_lab import counters, inpod, netlab, simmark, simpki, standin, traffic
+from eztunnel_lab import counters, hbone, inpod, netlab, simmark, simpki, standin, traffic
 from eztunnel_lab.netlab import Lab, Managed, Pod
-from eztunnel_plugin.bpf import dataplane
+from eztunnel_lab.standin import ProxyStat  # the field `standin` shadows the module
+from eztunnel_plugin.bpf import loader
+from eztunnel_plugin.bpf.maps import Dataplane
 
 PY = sys.executable
 AGENT_API = "127.0.0.1:15081"
@@ -45,6 +49,7 @@ ISTIOD_ADDR = "127.0.0.1:15010"
 NAMESPACE = "default"
 FLOWCHECK_PORT = 9000  # the integrity server of self_check and the demo
 STANDIN_PORTS = (inpod.OUTBOUND_PORT, inpod.INBOUND_PLAINTEXT_PORT, inpod.INBOUND_PORT)
+STANDINS = ("hbone", "haproxy")  # the first is the default: the one closer to ztunnel
 
 
 class SimError(RuntimeError):
@@ -80,20 +85,25 @@ class AmbientNode(Managed):
     pod_names: Sequence[str] = ("client", "server")
     agent: bool = True  # start istiod + the agent in start(); else call start_agent()
     tag: str | None = None
+    standin: str = STANDINS[0]
+    hbone_settings: hbone.Settings = field(default_factory=hbone.Settings)
+    ipv6_workloads: bool = False  # also give istiod the pods' IPv6 addresses (enrolled)
     lab: Lab = field(init=False)
     pods: list[SimPod] = field(default_factory=list)
     workdir: Path = field(init=False)
-    haproxy: subprocess.Popen[bytes] | None = None
+    proxy: subprocess.Popen[bytes] | None = None  # the stand-in's process
     istiod: subprocess.Popen[bytes] | None = None
     agent_proc: subprocess.Popen[bytes] | None = None
     _mark_link: int | None = None
 
     def __post_init__(self) -> None:
+        if self.standin not in STANDINS:
+            raise SimError(f"unknown stand-in {self.standin!r} (choose from {', '.join(STANDINS)})")
         self.lab = Lab(tag=self.tag) if self.tag else Lab()
         self.node_name = f"sim-node-{self.lab.tag}"
         # Created by start(), removed by close(): a node never started leaves nothing.
         self.workdir = Path(tempfile.gettempdir()) / f"ezsim-{self.lab.tag}"
-        self.stats_socket = self.workdir / "haproxy.sock"
+        self.stats_socket = self.workdir / f"{self.standin}.sock"
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -129,6 +139,41 @@ class AmbientNode(Managed):
         return self.lab.cgroup / "ztunnel"
 
     def _start_standin(self) -> None:
+        if self.standin == "hbone":
+            self._start_hbone()
+        else:
+            self._start_haproxy()
+
+    def _start_hbone(self) -> None:
+        ca = simpki.MeshCA.create(self.workdir / "pki")
+        pods = [
+            hbone.PodHbone(
+                p.name,
+                p.netns,
+                ca.issue(p.name, NAMESPACE, p.name, p.ip),
+                simpki.spiffe_id(NAMESPACE, p.name),
+                (p.ip, p.pod.ip6),
+            )
+            for p in self.pods
+        ]
+        cfg = self.workdir / "hbone.cfg"
+        cfg.write_text(hbone.config(pods, ca.ca_file, self.stats_socket, self.hbone_settings))
+        binary = hbone.binary_path()
+        # It sets SO_MARK on every socket itself, as ztunnel does (no simmark program).
+        self.proxy = self._spawn_logged(
+            "hbone", [str(binary), str(cfg)], self.lab.child_cgroup("ztunnel")
+        )
+        self.wait_until(
+            lambda: (
+                self.stats_socket.exists()
+                and all(netlab.listening(p.netns, STANDIN_PORTS) for p in self.pods)
+            ),
+            15,
+            "the stand-in's listeners",
+            self.proxy,
+        )
+
+    def _start_haproxy(self) -> None:
         ca = simpki.MeshCA.create(self.workdir / "pki")
         tls = [
             standin.PodTls(p.name, p.netns, ca.issue(p.name, NAMESPACE, p.name, p.ip))
@@ -145,7 +190,7 @@ class AmbientNode(Managed):
         # Marks first: the listeners HAProxy opens at start must carry 0x539 too.
         self._mark_link = simmark.attach(cgroup)
         log = (self.workdir / "haproxy.log").open("wb")
-        self.haproxy = self.lab.spawn(
+        self.proxy = self.lab.spawn(
             self.lab.node,
             ["haproxy", "-db", "-f", str(cfg)],
             cgroup=cgroup,
@@ -160,11 +205,28 @@ class AmbientNode(Managed):
             ),
             15,
             "the stand-in's listeners",
-            self.haproxy,
+            self.proxy,
         )
 
-    def standin_stats(self) -> dict[str, standin.ProxyStat]:
+    def standin_stats(self) -> dict[str, ProxyStat]:
+        """Per hop ('out-<pod>', 'hbone-<pod>', 'in-<pod>', 'app-<pod>', ...): new
+        connections (HBONE: streams), whichever stand-in runs."""
+        if self.standin == "hbone":
+            return hbone.stats(self.stats_socket)
         return standin.stats(self.stats_socket)
+
+    def hbone_stats(self) -> dict[str, Any]:
+        """The HBONE stand-in's every counter ({} for HAProxy)."""
+        return hbone.raw_stats(self.stats_socket) if self.standin == "hbone" else {}
+
+    def tunnels(self, src: str, dst: str) -> hbone.Tunnels | None:
+        """src's pooled HBONE tunnels (None with HAProxy: one TLS connection per flow)."""
+        doc = self.hbone_stats()
+        return hbone.tunnels(doc, src, dst) if doc else None
+
+    def release_idle_tunnels(self) -> int:
+        """Close the HBONE pool's idle tunnels now (what 5 idle minutes would do)."""
+        return hbone.release_idle(self.stats_socket) if self.standin == "hbone" else 0
 
     # ---- istiod and the agent ------------------------------------------------------
 
@@ -180,7 +242,7 @@ class AmbientNode(Managed):
                         "uid": p.uid,
                         "name": p.name,
                         "namespace": NAMESPACE,
-                        "addresses": [p.ip],
+                        "addresses": [p.ip, p.pod.ip6] if self.ipv6_workloads else [p.ip],
                         "node": self.node_name,
                         "tunnel_protocol": "HBONE",
                         "service_account": p.name,
@@ -270,17 +332,17 @@ class AmbientNode(Managed):
                 proc.kill()
                 proc.wait(timeout=10)
         if self.lab.bpffs.exists():
-            dataplane.uninstall(self.lab.bpffs)
+            loader.uninstall(self.lab.bpffs)
 
-    def dataplane(self) -> dataplane.Dataplane:
+    def dataplane(self) -> Dataplane:
         """The agent's pinned maps, opened read-write (close it after use)."""
-        return dataplane.Dataplane.open(self.lab.bpffs)
+        return Dataplane.open(self.lab.bpffs)
 
     def counters(self) -> dict[str, int]:
         if not (self.lab.bpffs / "ez_counters").exists():
             return {}
         with self.dataplane() as dp:
-            return dp.counters()
+            return dp.counters.read()
 
     def enrolled(self) -> list[str]:
         if not (self.lab.bpffs / "ez_endpoints").exists():
@@ -326,11 +388,20 @@ class AmbientNode(Managed):
         return proc
 
     def run_client(
-        self, tool: str, src: SimPod, dst: SimPod, port: int, *args: str, timeout: float = 90
+        self,
+        tool: str,
+        src: SimPod,
+        dst: SimPod,
+        port: int,
+        *args: str,
+        timeout: float = 90,
+        host: str | None = None,
     ) -> dict[str, Any]:
-        """Traffic program `tool`'s client, src -> dst:port, to its end: its JSON report, or
+        """Traffic program `tool`'s client, src -> dst:port (`host`: another of dst's
+        addresses, e.g. its IPv6 one), to its end: its JSON report, or
         {"ok": False, "error": ...} when it printed none."""
-        argv = traffic.command(tool, "client", "--connect", dst.ip, "--port", str(port), *args)
+        addr = host or dst.ip
+        argv = traffic.command(tool, "client", "--connect", addr, "--port", str(port), *args)
         proc = self.spawn(src, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = proc.communicate(timeout=timeout)
         try:
@@ -389,7 +460,8 @@ class AmbientNode(Managed):
         return left
 
     def _logs(self) -> str:
-        return "\n".join(f"--- {n}.log\n{self.log_tail(n)}" for n in ("haproxy", "istiod", "agent"))
+        names = (self.standin, "istiod", "agent")
+        return "\n".join(f"--- {n}.log\n{self.log_tail(n)}" for n in names)
 
     def cpu_usage_s(self) -> float:
         """CPU seconds used so far by the node: the pods' apps, the stand-in, the agent."""
@@ -449,6 +521,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pods", type=int, default=2, help="number of pods (default %(default)s)")
     p.add_argument("--no-agent", action="store_true", help="plain ambient: no agent")
     p.add_argument(
+        "--standin",
+        choices=STANDINS,
+        default=STANDINS[0],
+        help="the ztunnel stand-in: hbone (HTTP/2 CONNECT in mTLS, pooled as ztunnel does; "
+        "the default) or haproxy (one TLS connection per flow)",
+    )
+    p.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="istiod lists the pods' IPv6 addresses too, so the agent enrolls them",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="send verified traffic pod 1 -> pod 2, print what happened, exit",
@@ -470,7 +554,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     names = [f"pod{i + 1}" for i in range(args.pods)]
     try:
-        with AmbientNode(names, agent=not args.no_agent) as node:
+        node = AmbientNode(
+            names, agent=not args.no_agent, standin=args.standin, ipv6_workloads=args.ipv6
+        )
+        with node:
             print(describe(node), flush=True)
             if args.check:
                 return 0 if self_check(node) else 1
@@ -489,10 +576,11 @@ def describe(node: AmbientNode) -> str:
     ]
     for p in node.pods:
         lines.append(f"  pod {p.name:<8} {p.ip:<13} netns {p.netns}  cgroup {p.cgroup.name}")
-    assert node.haproxy is not None
+    assert node.proxy is not None
+    cfg = node.workdir / ("hbone.cfg" if node.standin == "hbone" else "haproxy.cfg")
     lines.append(
-        f"  ztunnel stand-in: haproxy pid {node.haproxy.pid}, stats "
-        f"{node.stats_socket}, config {node.workdir / 'haproxy.cfg'}"
+        f"  ztunnel stand-in: {node.standin} pid {node.proxy.pid}, stats "
+        f"{node.stats_socket}, config {cfg}"
     )
     if node.agent_proc is not None:
         lines.append(
@@ -505,28 +593,47 @@ def describe(node: AmbientNode) -> str:
 
 
 def self_check(node: AmbientNode) -> bool:
-    """Pod 1 -> pod 2 with flowcheck: data intact, the stand-in on the path, and with the
-    agent, every hop spliced (capture, cross-netns mirror, same-netns mirror)."""
+    """Pod 1 -> pod 2 with flowcheck (IPv4, and IPv6 with the hbone stand-in): data
+    intact, the stand-in on the path (its counters), with hbone the flows pooled onto
+    shared tunnels, and with the agent every hop spliced (capture, cross-netns mirror:
+    one per tunnel, same-netns mirror)."""
     a, b = node.pods[0], node.pods[1]
     node.flowcheck_server(b)
     conns = 8
-    before, c0 = node.standin_stats(), node.counters()
-    result = node.run_client(
-        "flowcheck",
-        a,
-        b,
-        FLOWCHECK_PORT,
-        *("--conns", str(conns), "--max-size", str(1 << 20), "--timeout", "60"),
-    )
-    print(f"flowcheck {a.name} -> {b.name}:{FLOWCHECK_PORT}: {result}")
-    hops = check_path(before, node.standin_stats(), a.name, b.name, conns)
-    print(f"stand-in connections per hop: {hops}")
-    ok = bool(result["ok"])
-    if node.agent_proc is not None:
-        moved = counters.delta(c0, node.counters())
-        pairs = {k: v for k, v in moved.items() if k.startswith("pairs") and v}
-        print(f"spliced pairs: {pairs}")
-        ok = ok and all(pairs.get(k, 0) >= conns for k in counters.HOP_RULES)
+    ok = True
+    hosts = [b.ip] + ([b.pod.ip6] if node.standin == "hbone" else [])
+    for host in hosts:
+        before, c0, t0 = node.standin_stats(), node.counters(), node.tunnels(a.name, b.name)
+        result = node.run_client(
+            "flowcheck",
+            a,
+            b,
+            FLOWCHECK_PORT,
+            *("--conns", str(conns), "--max-size", str(1 << 20), "--timeout", "60"),
+            host=host,
+        )
+        print(f"flowcheck {a.name} -> {b.name} [{host}]:{FLOWCHECK_PORT}: {result}")
+        hops = check_path(before, node.standin_stats(), a.name, b.name, conns)
+        print(f"stand-in connections per hop (HBONE: streams): {hops}")
+        ok = ok and bool(result["ok"])
+        tunnels = conns  # HAProxy: one TLS connection per flow
+        t1 = node.tunnels(a.name, b.name)
+        if t0 is not None and t1 is not None:
+            tunnels = t1.opened - t0.opened
+            reused = t1.reused - t0.reused
+            print(
+                f"HBONE tunnels: {tunnels} opened, {reused} of {conns} streams on a pooled "
+                f"one; streams per tunnel so far {t1.streams_per_tunnel:.1f}"
+            )
+            # Pooling: the flows shared tunnels (the pool may have had one already).
+            ok = ok and tunnels <= 1 and tunnels + reused == conns
+        if node.agent_proc is not None and (host == b.ip or node.ipv6_workloads):
+            moved = counters.delta(c0, node.counters())
+            pairs = {k: v for k, v in moved.items() if k.startswith("pairs") and v}
+            print(f"spliced pairs: {pairs}")
+            want = {rule: conns for rule in counters.HOP_RULES}
+            want["pairs_cross_mirror"] = tunnels  # one per TLS connection
+            ok = ok and all(pairs.get(k, 0) >= n for k, n in want.items())
     print("check passed" if ok else "check FAILED")
     return ok
 

@@ -80,6 +80,12 @@ def from_bytes(raw: bytes) -> str:
     raise ValueError(f"address has {len(raw)} bytes, want 4 or 16")
 
 
+def packed16(text: str) -> bytes:
+    """The 16 bytes of an address as the BPF maps key it: IPv4 v4-mapped. Raises ValueError."""
+    ip = parse(text)
+    return ip.packed if ip.version == 6 else _V4_MAPPED_PREFIX + ip.packed
+
+
 def canonical(text: str) -> str:
     """Canonical text of an address given as text. Raises ValueError."""
     return str(parse(text))

@@ -21,23 +21,12 @@ from typing import Final
 
 from eztunnel_plugin import endpoints_file
 from eztunnel_plugin.api import admin
-from eztunnel_plugin.bpf import dataplane, layout, syscalls
-from eztunnel_plugin.xds.client import (
-    STATIC_TOKEN_PREFIX,
-    ConnectError,
-    XdsConfig,
-    check_token,
-    read_token,
-)
+from eztunnel_plugin.bpf import layout, paths, syscalls
+from eztunnel_plugin.errors import ConfigError, ConnectError, DataplaneError, EndpointsFileError
+from eztunnel_plugin.xds.client import STATIC_TOKEN_PREFIX, XdsConfig, check_token, read_token
 
 CGROUP2_SUPER_MAGIC: Final = 0x63677270
 STALE_AFTER_RANGE: Final = (1.0, 86400.0)  # seconds; the staleness check ticks at 0.5 s
-
-
-class ConfigError(ValueError):
-    def __init__(self, setting: str, problem: str) -> None:
-        super().__init__(f"{setting}: {problem}")
-        self.setting = setting
 
 
 @dataclass(frozen=True)
@@ -108,13 +97,14 @@ class AgentConfig:
     capture_ports: tuple[int, ...]
     backlog_limit: int
     admin_socket: Path = admin.DEFAULT_SOCKET
+    health_listen: Listen | None = None  # readiness and liveness over HTTP (api/health.py)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bpffs",
         type=Path,
-        default=dataplane.DEFAULT_BPFFS,
+        default=paths.DEFAULT_BPFFS,
         help="bpffs directory for pins (default %(default)s)",
     )
     p.add_argument(
@@ -142,12 +132,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metrics-listen",
         default=None,
-        help="Prometheus metrics address HOST:PORT (off by default)",
+        help="Prometheus metrics at /stats/prometheus and /metrics, HOST:PORT (off by default, "
+        "so that several agents of a test never share a port; Istio's port is 15020, the "
+        "chart's default)",
     )
     p.add_argument(
         "--metrics-allow-remote",
         action="store_true",
         help="allow --metrics-listen on a non-loopback address",
+    )
+    p.add_argument(
+        "--health-listen",
+        default=None,
+        help="readiness (/healthz/ready) and liveness (/healthz/live) over HTTP, HOST:PORT "
+        "(off by default; ztunnel's port is 15021). It answers nothing but health",
     )
     p.add_argument(
         "--endpoints-file",
@@ -207,12 +205,13 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str], tty: bool) -> Ag
             "--metrics-listen",
             f"{metrics} is not loopback; add --metrics-allow-remote to expose metrics",
         )
+    health = parse_listen("--health-listen", args.health_listen) if args.health_listen else None
     admin_problem = admin.path_problem(args.admin_socket)
     if admin_problem:
         raise ConfigError("--admin-socket", admin_problem)
     try:
-        cgroup = args.cgroup or dataplane.cgroup2_root()
-    except dataplane.DataplaneError as e:
+        cgroup = args.cgroup or paths.cgroup2_root()
+    except DataplaneError as e:
         raise ConfigError("--cgroup", str(e)) from e
     check_cgroup2("--cgroup", cgroup)
     ports = tuple(
@@ -232,7 +231,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str], tty: bool) -> Ag
     if args.endpoints_file is not None:
         try:
             endpoints_file.load(args.endpoints_file)
-        except endpoints_file.EndpointsFileError as e:
+        except EndpointsFileError as e:
             raise ConfigError("--endpoints-file", str(e)) from e
     else:
         if not node:
@@ -254,6 +253,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str], tty: bool) -> Ag
         backlog_limit=backlog_limit,
         capture_ports=ports,
         admin_socket=args.admin_socket,
+        health_listen=health,
     )
 
 

@@ -18,15 +18,15 @@ import asyncio
 import os
 import stat
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import yaml
 
 from eztunnel_plugin import addr, log
 from eztunnel_plugin.bpf import layout
-from eztunnel_plugin.state.workloads import Snapshot
+from eztunnel_plugin.errors import EndpointsFileError
+from eztunnel_plugin.state.snapshot import Listener, Snapshot
 
 _log = log.get(__name__)
 
@@ -37,11 +37,9 @@ MAX_ERROR: Final = 400  # characters of an error message
 _SHOWN: Final = 60  # characters of a bad value quoted in a message
 SETTLE_NS: Final = 2_000_000_000  # a file modified this recently is re-read on every poll
 
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class EndpointsFileError(ValueError):
-    pass
+_Loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = getattr(
+    yaml, "CSafeLoader", yaml.SafeLoader
+)
 
 
 def _error(origin: str, problem: str) -> EndpointsFileError:
@@ -165,7 +163,7 @@ class StaticEndpoints:
         self.last_error = ""  # the last load's error; "" after a good load
         self.errors = 0  # bad loads so far
         self._signature: tuple[int, int, int, int] | None = None
-        self._listeners: list[Callable[[int], None]] = []
+        self._listeners: list[Listener] = []
         self.reload()
 
     @property
@@ -175,7 +173,7 @@ class StaticEndpoints:
     def snapshot(self) -> Snapshot:
         return Snapshot(self.version, self.loaded, self.endpoints)
 
-    def subscribe(self, listener: Callable[[int], None]) -> None:
+    def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
     def _failed(self, message: str, *, new: bool = True) -> None:

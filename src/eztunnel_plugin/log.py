@@ -7,7 +7,16 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any, Literal
 
-import structlog
+# structlog imports rich at import time when it is installed (for pretty tracebacks): ~5 MB
+# the agent never uses. Hide it while structlog loads; the CLI's live view imports rich itself.
+_HIDE_RICH = "rich" not in sys.modules
+if _HIDE_RICH:
+    sys.modules["rich"] = None  # type: ignore[assignment]
+try:
+    import structlog
+finally:
+    if _HIDE_RICH:
+        del sys.modules["rich"]
 
 LogFormat = Literal["json", "console"]
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Final, Protocol
 
 from eztunnel_plugin import addr, log
 from eztunnel_plugin.bpf import layout
-from eztunnel_plugin.state.workloads import Snapshot
+from eztunnel_plugin.state.snapshot import SnapshotSource
 
 EZ_EP_ENROLLED: Final = layout.EP_ENROLLED  # bpf/eztunnel.h enum ez_endpoint_flags
 
@@ -36,14 +36,6 @@ class EndpointSink(Protocol):
     def delete(self, ip: str) -> None:
         """Remove ip; removing an absent ip is not an error."""
         ...
-
-
-class SnapshotSource(Protocol):
-    """Where desired endpoints come from: WorkloadState, or a static endpoints file."""
-
-    def snapshot(self) -> Snapshot: ...
-
-    def subscribe(self, listener: Callable[[int], None]) -> None: ...
 
 
 class MemorySink:

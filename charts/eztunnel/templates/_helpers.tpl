@@ -251,15 +251,6 @@ securityContext:
 {{- end }}
 {{- end }}
 
-{{/* An exec probe that succeeds while the agent's gRPC listener accepts connections. */}}
-{{- define "eztunnel.listeningProbe" -}}
-exec:
-  command:
-    - python3
-    - -c
-    - {{ printf "import socket; socket.create_connection((\"127.0.0.1\", %d), 3).close()" (int .Values.grpcPort) | squote }}
-{{- end }}
-
 {{/* Helm post-delete hook annotations (a dict); the argument is the weight. */}}
 {{- define "eztunnel.hookAnnotations" -}}
 {{- dict "helm.sh/hook" "post-delete" "helm.sh/hook-weight" (toString .) "helm.sh/hook-delete-policy" "before-hook-creation,hook-succeeded" | toYaml }}

@@ -12,7 +12,7 @@ from eztunnel_lab import counters, netlab
 from eztunnel_lab.bench.metric import Metric
 from eztunnel_lab.measure import iperf3_client, sockperf, spawn_servers
 from eztunnel_lab.netlab import Lab, Pod
-from eztunnel_plugin.bpf import dataplane, layout
+from eztunnel_plugin.bpf import layout, loader
 
 
 def iperf3(lab: Lab, pod: Pod, cgroup: Path, host: str, port: int, seconds: int) -> float:
@@ -41,18 +41,18 @@ def bench_dataplane(rounds: int, seconds: int) -> list[Metric]:
     with Lab() as lab:
         a, b = lab.add_pod(), lab.add_pod()
         plain, spliced = lab.child_cgroup("plain"), lab.child_cgroup("spliced")
-        with dataplane.Dataplane.install_or_reuse(lab.bpffs, spliced) as dp:
+        with loader.install_or_reuse(lab.bpffs, spliced) as dp:
             for pod in (a, b):
                 dp.endpoints.put(pod.ip4, layout.EP_ENROLLED)
             start_servers(lab, b, plain, b.ip4, 12000)
             start_servers(lab, b, spliced, b.ip4, 13000)
             for r in range(rounds):
                 for cg, base, side in ((plain, 12000, "baseline"), (spliced, 13000, "plugin")):
-                    c0 = dp.counters()
+                    c0 = dp.counters.read()
                     pin = sockperf(lab, a, cg, b.ip4, base, True, seconds)
                     unpin = sockperf(lab, a, cg, b.ip4, base + 1, False, seconds)
                     gbps = iperf3(lab, a, cg, b.ip4, base + 2, seconds)
-                    pairs = counters.delta(c0, dp.counters())["pairs"]
+                    pairs = counters.delta(c0, dp.counters.read())["pairs"]
                     # Prove the path: the plugin side spliced, the baseline did not.
                     if (pairs > 0) != (side == "plugin"):
                         raise RuntimeError(f"round {r}: {side} made {pairs} pairs")

@@ -25,13 +25,16 @@ from eztunnel_lab.fake_istiod import FakeIstiod, authorization_resource, workloa
 from eztunnel_lab.netlab import Lab  # a private cgroup and bpffs dir for the agent
 from eztunnel_plugin import log
 from eztunnel_plugin.aio import cancel_all
-from eztunnel_plugin.bpf import dataplane
+from eztunnel_plugin.bpf import loader
 from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2
 from eztunnel_plugin.pb.istio.security import authorization_pb2 as authz_pb
 from eztunnel_plugin.pb.istio.workload import workload_pb2 as wl_pb
 from eztunnel_plugin.reconciler import EndpointSink, MemorySink, Reconciler
-from eztunnel_plugin.state.workloads import ADDRESS_TYPE, AUTHORIZATION_TYPE, WorkloadState
-from eztunnel_plugin.xds.client import XdsClient, XdsConfig
+from eztunnel_plugin.state.workloads import WorkloadState
+from eztunnel_plugin.xds import decode
+from eztunnel_plugin.xds.client import Watch, XdsClient, XdsConfig
+from eztunnel_plugin.xds.types import ADDRESS_TYPE, AUTHORIZATION_TYPE
+from eztunnel_plugin.xds.updater import AddressHandler, state_watches
 
 NODE = "bench-node"
 
@@ -90,9 +93,9 @@ def bench_decode(n: int = 10_000, rounds: int = 20) -> dict[str, float]:
     apply = []
     decoded = discovery_pb2.DeltaDiscoveryResponse.FromString(raw)
     for _ in range(max(3, rounds // 4)):
-        state = WorkloadState(NODE)
+        watch = Watch(decode.ADDRESS, AddressHandler(WorkloadState(NODE)))
         t = time.perf_counter()
-        result = state.apply(ADDRESS_TYPE, decoded.resources)
+        result = watch.apply(decoded.resources, ())
         apply.append(time.perf_counter() - t)
         if result.rejected:
             raise RuntimeError(f"benchmark data rejected: {result.rejected[:3]}")
@@ -163,7 +166,7 @@ async def bench_pipeline(
         plaintext=True,
         token_file=None,
     )
-    client = XdsClient(cfg, state)
+    client = XdsClient(cfg, state_watches(state))
     sink = _TimedSink(sink_factory() if sink_factory else MemorySink())
     rec = Reconciler(state, sink)
     tasks = [asyncio.create_task(client.run()), asyncio.create_task(rec.run())]
@@ -272,7 +275,7 @@ def run(
 
 def section(args: argparse.Namespace) -> list[Metric]:
     """10,000 workloads (1,000 on this node) from the fake istiod into the real BPF map."""
-    with Lab() as lab, dataplane.Dataplane.install_or_reuse(lab.bpffs, lab.cgroup) as dp:
+    with Lab() as lab, loader.install_or_reuse(lab.bpffs, lab.cgroup) as dp:
         got = run(sink_factory=lambda: dp.endpoints, rss=False)
     rss = asyncio.run(bench_agent_rss())
     print(f"  agent RSS with 10,000 workloads: {rss['agent_rss_mb']:.1f} MB "

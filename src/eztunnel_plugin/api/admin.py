@@ -26,17 +26,16 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from grpc_reflection.v1alpha import reflection
 
 from eztunnel_plugin import log
+from eztunnel_plugin.api.view import AdminView
+from eztunnel_plugin.errors import AdminSocketError
 from eztunnel_plugin.pb.eztunnel.v1 import inspector_pb2 as pb
 from eztunnel_plugin.pb.eztunnel.v1 import inspector_pb2_grpc as pb_grpc
-
-if TYPE_CHECKING:
-    from eztunnel_plugin.agent import Agent
 
 DEFAULT_SOCKET = Path("/var/run/eztunnel/admin.sock")
 SERVICE = "eztunnel.v1.Admin"
@@ -47,10 +46,6 @@ _SUN_PATH_MAX = 107  # sockaddr_un.sun_path, without its NUL
 _CLIENT_NAME_MAX = len("c") + 12  # the relay's client paths: c1, c2, ...
 
 _log = log.get(__name__)
-
-
-class AdminSocketError(OSError):
-    """The admin socket cannot be set up; the message says why, on one line."""
 
 
 @dataclass(frozen=True)
@@ -278,8 +273,8 @@ class Relay:
 
 
 class Admin(pb_grpc.AdminServicer):
-    def __init__(self, agent: Agent, relay: Relay) -> None:
-        self.agent = agent
+    def __init__(self, view: AdminView, relay: Relay) -> None:
+        self.view = view
         self.relay = relay
 
     async def _authorize(self, context: Any, method: str) -> Caller:
@@ -306,21 +301,15 @@ class Admin(pb_grpc.AdminServicer):
         self, request: pb.SetEnabledRequest, context: Any
     ) -> pb.SetEnabledResponse:
         caller = await self._authorize(context, "SetEnabled")
-        dp = self.agent.dp
-        if dp is None:
+        was = self.view.set_enabled(request.enabled, uid=caller.uid, pid=caller.pid)
+        if was is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "data plane not loaded yet")
-        assert dp is not None
-        was = dp.enabled
-        dp.set_enabled(request.enabled)
         _log.warning(
             "killswitch.set", enabled=request.enabled, was=was, uid=caller.uid,
             gid=caller.gid, pid=caller.pid, comm=caller.comm(),
         )  # fmt: skip
-        self.agent.events.publish(
-            "dataplane.enabled" if request.enabled else "dataplane.disabled",
-            uid=caller.uid, pid=caller.pid,
-        )  # fmt: skip
-        return pb.SetEnabledResponse(enabled=dp.enabled)
+        dp = self.view.dataplane()
+        return pb.SetEnabledResponse(enabled=dp is not None and dp.enabled)
 
 
 class AdminServer:
@@ -339,7 +328,7 @@ class AdminServer:
         assert self._relay is not None
         return self._relay
 
-    async def start(self, agent: Agent) -> None:
+    async def start(self, view: AdminView) -> None:
         path = self.path
         problem = path_problem(path)
         if problem:
@@ -353,7 +342,7 @@ class AdminServer:
         upstream = self._private / "grpc.sock"
         self._relay = Relay(upstream, self._private)
         server = grpc.aio.server()
-        pb_grpc.add_AdminServicer_to_server(Admin(agent, self._relay), server)
+        pb_grpc.add_AdminServicer_to_server(Admin(view, self._relay), server)
         reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME), server)
         try:
             server.add_insecure_port(f"unix:{upstream}")
@@ -379,10 +368,10 @@ class AdminServer:
             shutil.rmtree(self._private, ignore_errors=True)
 
 
-async def start(agent: Agent, path: Path) -> AdminServer:
+async def start(view: AdminView, path: Path) -> AdminServer:
     server = AdminServer(path)
     try:
-        await server.start(agent)
+        await server.start(view)
     except BaseException:
         await server.stop(0)
         raise

@@ -1,14 +1,13 @@
 """The gRPC inspection API `eztunnel.v1.Inspector`, with health and server reflection.
 
-It reads what the agent holds (and the BPF maps themselves) and changes nothing:
-state changes are `eztunnel.v1.Admin`, served only on the admin socket (admin.py).
-Map reads run on one worker thread, never on the event loop, so a large map
-can't stall xDS or health; ListFlows reads one bounded page per call.
+It reads the agent through its view (view.py) and changes nothing: state changes
+are `eztunnel.v1.Admin`, served only on the admin socket (admin.py). Map reads run
+on the reader's one worker thread (reader.py), never on the event loop, so a large
+map can't stall xDS or health; ListFlows reads one bounded page per call.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import ctypes
 import errno
@@ -16,72 +15,35 @@ import re
 import struct
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from eztunnel_plugin import log
-from eztunnel_plugin.bpf import dataplane, layout, syscalls
+from eztunnel_plugin.api.reader import Reader
+from eztunnel_plugin.api.view import AgentView, Flow
+from eztunnel_plugin.bpf import layout, maps, syscalls
 from eztunnel_plugin.config import Listen
+from eztunnel_plugin.errors import BpfError, ReaderBusy
 from eztunnel_plugin.pb.eztunnel.v1 import inspector_pb2 as pb
 from eztunnel_plugin.pb.eztunnel.v1 import inspector_pb2_grpc as pb_grpc
-
-if TYPE_CHECKING:
-    from eztunnel_plugin.agent import Agent
+from eztunnel_plugin.selftest import NO_SPLICE
 
 SERVICE = "eztunnel.v1.Inspector"
 ADMIN_SERVICE = "eztunnel.v1.Admin"
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_SCAN = 8 * MAX_PAGE  # sockets one ListFlows page reads at most, flows or not
-MAX_WAITING_READS = 32
 
 _log = log.get(__name__)
 _T = TypeVar("_T")
 _TOKEN = re.compile(r"b(\d{1,10})")
 
 
-class ReaderBusy(Exception):
-    """Too many reads are already waiting for the reader."""
-
-
-class Reader:
-    """Map reads for the API and metrics, on one worker thread off the event loop.
-
-    One worker: a burst of requests queues up instead of running many map reads at
-    once; past `max_waiting` a read is refused rather than queued.
-    """
-
-    def __init__(self, max_waiting: int = MAX_WAITING_READS) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ez-reader")
-        self._max = max_waiting
-        self._waiting = 0
-
-    @property
-    def waiting(self) -> int:
-        """Reads running or queued."""
-        return self._waiting
-
-    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        if self._waiting >= self._max:
-            raise ReaderBusy(f"{self._waiting} map reads are waiting already")
-        self._waiting += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-        finally:
-            self._waiting -= 1
-
-    def close(self) -> None:
-        """Wait for the read in progress (the maps must outlive it); drop queued ones."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def read_flow_page(
-    dp: dataplane.Dataplane, bucket: int, size: int
-) -> tuple[list[dataplane.Flow], int | None]:
+def read_flow_page(dp: maps.Dataplane, bucket: int, size: int) -> tuple[list[Flow], int | None]:
     """Flows from hash bucket `bucket` of the socket map on, and where to resume.
 
     Whole buckets are read, so a cursor stays valid whatever changes meanwhile. Each
@@ -90,14 +52,14 @@ def read_flow_page(
     """
     fd = dp.maps["ez_sockinfo"]
     vsize = ctypes.sizeof(layout.SockInfo)
-    flows: list[dataplane.Flow] = []
+    flows: list[Flow] = []
     cursor: int | None = bucket
     scanned = 0
     while cursor is not None and len(flows) < size and scanned < MAX_SCAN:
         want = size - len(flows)
         try:
             entries, after = syscalls.map_lookup_batch(fd, 8, vsize, cursor, want)
-        except syscalls.BpfError as e:
+        except BpfError as e:
             if e.errno != errno.ENOSPC:
                 raise
             if flows:
@@ -115,7 +77,7 @@ def read_flow_page(
             (cookie,) = struct.unpack("=Q", key)
             pair = {cookie: info, info.peer_cookie: layout.SockInfo.from_buffer_copy(peer)}
             # One flow per active socket: its peer is listed when the walk reaches it.
-            flows.extend(f for f in dataplane._pairs(pair) if f.active_cookie == cookie)
+            flows.extend(f for f in maps.pairs(pair) if f.active_cookie == cookie)
     return flows, cursor
 
 
@@ -127,7 +89,7 @@ def _whole_bucket(
         count *= 2
         try:
             return syscalls.map_lookup_batch(fd, 8, vsize, bucket, count)
-        except syscalls.BpfError as e:
+        except BpfError as e:
             if e.errno != errno.ENOSPC:
                 raise
     return syscalls.map_lookup_batch(fd, 8, vsize, bucket, layout.MAX_SOCKETS)
@@ -152,78 +114,83 @@ def _state(s: layout.SockState) -> str:
     return s.name.lower()
 
 
-def addresses_refused(a: Agent) -> int:
-    """Addresses a source named that were never enrolled (the sources' own check, then
-    the reconciler's, which should never find one)."""
-    total = a.state.refused_total if a.state is not None else 0
-    return total + (a.reconciler.refused if a.reconciler is not None else 0)
-
-
 class Inspector(pb_grpc.InspectorServicer):
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-
-    def _dp(self, context: Any) -> Any:
-        if self.agent.dp is None:
-            context.set_code(grpc.StatusCode.UNAVAILABLE)
-            context.set_details("data plane not loaded yet")
-        return self.agent.dp
+    def __init__(self, view: AgentView, reader: Reader) -> None:
+        self.view = view
+        self.reader = reader
 
     async def _read(self, context: Any, fn: Callable[..., _T], *args: Any) -> _T:
         try:
-            return await self.agent.reader.run(fn, *args)
+            return await self.reader.run(fn, *args)
         except ReaderBusy as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later")
             raise AssertionError("abort() raises") from e
 
+    async def _read_maps(self, context: Any, fn: Callable[..., _T | None], *args: Any) -> _T:
+        """A map read; UNAVAILABLE (the call ends) while the data plane is not loaded."""
+        got = await self._read(context, fn, *args)
+        if got is None:
+            st = self.view.selftest
+            why = "data plane not loaded yet"
+            if st is not None and st.decision == NO_SPLICE:
+                why = f"no data plane: the kernel self-test decided not to splice ({st.reason})"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, why)
+            raise AssertionError("abort() raises")
+        return got
+
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.Status:
-        a = self.agent
-        dp = a.dp
+        v = self.view
         status = pb.Status(
-            version=a.version,
-            node=a.cfg.node_name,
-            kernel=a.kernel,
-            bpffs=str(a.cfg.bpffs),
-            cgroup=str(a.cfg.cgroup),
-            ready=a.ready,
-            endpoint_source=a.source,
-            uptime_seconds=round(time.time() - a.started, 3),
+            version=v.version,
+            node=v.node,
+            kernel=v.kernel,
+            bpffs=v.bpffs,
+            cgroup=v.cgroup,
+            ready=v.ready,
+            endpoint_source=v.endpoint_source,
+            uptime_seconds=round(time.time() - v.started, 3),
         )
+        dp = await self._read(context, v.dataplane)
         if dp is not None:
-            cfg, ports = await self._read(context, lambda: (dp.config(), dp.capture_ports()))
-            status.enabled = bool(cfg.enabled)
+            status.enabled = dp.enabled
             status.reused_pins = dp.reused
-            status.programs_attached.extend(sorted(dp.links))
-            status.backlog_limit_bytes = cfg.backlog_limit
-            status.capture_ports.extend(ports)
-        if a.xds is not None and a.state is not None:
-            st = a.xds.stats
-            status.xds.address = a.xds.config.address
-            status.xds.connected = st.connected
-            status.xds.nacks = st.nacks
-            status.xds.last_error = st.last_error
-            status.xds.complete = a.state.complete
-            status.xds.stale = a.stale
-            status.xds.reconnects = max(0, st.streams - 1)
-            for type_url in a.xds.config.types:
+            status.programs_attached.extend(sorted(dp.programs))
+            status.backlog_limit_bytes = dp.backlog_limit
+            status.capture_ports.extend(dp.capture_ports)
+        xds = v.xds()
+        if xds is not None:
+            status.xds.address = xds.address
+            status.xds.connected = xds.connected
+            status.xds.nacks = xds.nacks
+            status.xds.last_error = xds.last_error
+            status.xds.complete = xds.complete
+            status.xds.stale = xds.stale
+            status.xds.reconnects = max(0, xds.streams - 1)
+            for t in xds.types:
                 status.xds.types.add(
-                    type_url=type_url,
-                    last_acked_nonce=st.acked_nonce.get(type_url, ""),
-                    resources=len(a.state.held(type_url)),
+                    type_url=t.type_url, last_acked_nonce=t.last_acked_nonce, resources=t.resources
                 )
-        if a.static is not None:
-            status.source_error = a.static.last_error
-        status.addresses_refused = addresses_refused(a)
+        source_file = v.endpoints_file()
+        if source_file is not None:
+            status.source_error = source_file.last_error
+        status.addresses_refused = v.addresses_refused
+        st = v.selftest
+        if st is not None:
+            status.selftest.decision = st.decision
+            status.selftest.reason = st.reason
+            status.selftest.kernel = st.kernel
+            status.selftest.kernel_listed = st.kernel_listed
+            status.selftest.environment = st.environment
+            status.selftest.duration_seconds = st.duration_s
+            for c in st.checks:
+                status.selftest.checks.add(name=c.name, passed=c.passed, detail=c.detail)
         return status
 
     async def ListEndpoints(
         self, request: pb.ListEndpointsRequest, context: Any
     ) -> pb.ListEndpointsResponse:
-        dp = self._dp(context)
-        if dp is None:
-            return pb.ListEndpointsResponse()
-        in_map = await self._read(context, dp.endpoints.read_all)
-        owners = self.agent.owners()
+        in_map = await self._read_maps(context, self.view.endpoints_in_map)
+        owners = self.view.owners()
         resp = pb.ListEndpointsResponse()
         for ip in sorted(owners):
             o = owners[ip]
@@ -234,14 +201,13 @@ class Inspector(pb_grpc.InspectorServicer):
                 namespace=o.namespace,
                 in_map=ip in in_map,
                 flags=in_map.get(ip, 0),
+                node=o.node,
+                protocol=o.protocol,
             )
         resp.unexpected_in_map.extend(sorted(set(in_map) - set(owners)))
         return resp
 
     async def ListFlows(self, request: pb.ListFlowsRequest, context: Any) -> pb.ListFlowsResponse:
-        dp = self._dp(context)
-        if dp is None:
-            return pb.ListFlowsResponse()
         size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
         bucket = decode_token(request.page_token)
         if bucket is None:
@@ -250,9 +216,9 @@ class Inspector(pb_grpc.InspectorServicer):
                 "bad page_token: pass the previous page's next_page_token, or none",
             )
         assert bucket is not None
-        page, after = await self._read(context, read_flow_page, dp, bucket, size)
+        page = await self._read_maps(context, self.view.flow_page, bucket, size)
         resp = pb.ListFlowsResponse()
-        for f in page:
+        for f in page.flows:
             resp.flows.add(
                 client=f.local,
                 server=f.remote,
@@ -265,24 +231,23 @@ class Inspector(pb_grpc.InspectorServicer):
                 server_socket_cookie=f.passive_cookie,
                 client_state=_state(f.state_active),
                 server_state=_state(f.state_passive),
+                tcp_bytes_client_to_server=f.tcp_active_to_passive,
+                tcp_bytes_server_to_client=f.tcp_passive_to_active,
             )
-        if after is not None:
-            resp.next_page_token = encode_token(after)
+        if page.after is not None:
+            resp.next_page_token = encode_token(page.after)
         return resp
 
     async def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.Stats:
-        dp = self._dp(context)
-        if dp is None:
-            return pb.Stats()
         stats = pb.Stats()
-        for name, value in (await self._read(context, dp.counters)).items():
+        for name, value in (await self._read_maps(context, self.view.counters)).items():
             stats.counters[name] = value
             if name.startswith("np_"):
                 stats.not_paired_reasons[name[3:]] = value
         return stats
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> Any:
-        async with self.agent.events.subscribe() as queue:
+        async with self.view.subscribe() as queue:
             # Tells the client the stream is live: nothing published from here on is missed.
             yield pb.Event(time=time.time(), kind="watch.started")
             while True:
@@ -336,10 +301,12 @@ class ApiServer:
         await self.server.stop(grace)
 
 
-async def start(agent: Agent, listen: Listen) -> ApiServer:
+async def start(view: AgentView, listen: Listen, reader: Reader, admin_socket: Path) -> ApiServer:
+    """Serve `view` on `listen`; map reads run on `reader`; state changes asked here are
+    refused with a pointer to `admin_socket`."""
     server = grpc.aio.server()
-    pb_grpc.add_InspectorServicer_to_server(Inspector(agent), server)
-    server.add_generic_rpc_handlers((RefuseStateChanges(str(agent.cfg.admin_socket)),))
+    pb_grpc.add_InspectorServicer_to_server(Inspector(view, reader), server)
+    server.add_generic_rpc_handlers((RefuseStateChanges(str(admin_socket)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

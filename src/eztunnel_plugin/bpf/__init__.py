@@ -1,1 +1,3 @@
-"""The kernel side: bpf(2) calls, the C structs mirror, loading, pins and maps."""
+"""The kernel side: syscalls (bpf(2)), layout (the C structs mirror), paths (where the
+pins live), maps (one class per map, the Dataplane handle), loader (install, upgrade,
+uninstall)."""

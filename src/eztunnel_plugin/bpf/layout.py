@@ -1,16 +1,17 @@
 """Python mirror of bpf/eztunnel.h: map keys, values and constants.
 
-tests/test_layout.py checks every size, offset and enum value here against
-the BTF of the compiled object.
+tests/bpf/test_layout.py checks every size, offset and enum value here against
+the BTF of the compiled object. Addresses convert through addr (one canonical text).
 """
 
 from __future__ import annotations
 
 import ctypes
 import enum
-import ipaddress
 
-LAYOUT_VERSION = 3
+from eztunnel_plugin import addr
+
+LAYOUT_VERSION = 4
 
 MAX_SOCKETS = 65536
 MAX_INDEX = 131072
@@ -29,6 +30,22 @@ class SockState(enum.IntEnum):
     TAINTED = 1
     PAIRED = 2
     CLAIMED = 3  # an active socket a passive one won, for the instant it writes the pair
+    TCP_PAIRED = 4  # paired; this direction on TCP until its peer provably drained it
+
+
+class SockFlag(enum.IntFlag):
+    """enum ez_sock_flags (SockInfo.flags)."""
+
+    BYPASS = 1 << 0  # the peer's reader took TCP bytes past unread redirected ones
+    PEER_KNOWN = 1 << 1  # the peer's receive path was looked at
+    NO_RESUME = 1 << 2  # ... and a fallback can never come back from it
+    LAGGED = 1 << 3  # fell back once: the peer's queue stays within half its buffer
+
+
+class ConfigFlag(enum.IntFlag):
+    """enum ez_config_flags (Config.flags)."""
+
+    NO_RESUME = 1 << 0  # a backlog fallback is for good (layout 3's behaviour)
 
 
 class Rule(enum.IntEnum):
@@ -74,9 +91,14 @@ class Counter(enum.IntEnum):
     NP_PEER_MISSING = 24
     NP_HANDSHAKE_MISMATCH = 25
     NP_PEER_TAKEN = 26
+    RESUMES = 27
+    BYTES_TCP_PAIRED = 28
+    RESUME_WAIT_DRAIN = 29
+    RESUME_WAIT_QUIET = 30
+    BYPASS_READERS = 31
 
 
-COUNTER_MAX = 27
+COUNTER_MAX = 32
 
 EP_ENROLLED = 1 << 0
 
@@ -87,15 +109,13 @@ class Addr(ctypes.Structure):
     _fields_ = [("a", ctypes.c_uint8 * 16)]
 
     @classmethod
-    def of(cls, ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> Addr:
-        addr = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
-        if isinstance(addr, ipaddress.IPv4Address):
-            addr = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + addr.packed)
-        return cls.from_buffer_copy(addr.packed)
+    def of(cls, ip: str) -> Addr:
+        """The key of an address given as text (any spelling). Raises ValueError."""
+        return cls.from_buffer_copy(addr.packed16(ip))
 
-    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        v6 = ipaddress.IPv6Address(bytes(self.a))
-        return v6.ipv4_mapped or v6
+    def text(self) -> str:
+        """Canonical text (addr.canonical's form)."""
+        return addr.from_bytes(bytes(self.a))
 
 
 class Endpoint(ctypes.Structure):
@@ -107,7 +127,7 @@ class Config(ctypes.Structure):
         ("enabled", ctypes.c_uint32),
         ("layout_version", ctypes.c_uint32),
         ("backlog_limit", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),  # ConfigFlag
     ]
 
 
@@ -152,6 +172,14 @@ class SockInfo(ctypes.Structure):
         ("tainted_ns", ctypes.c_uint64),
         ("hs_snd_nxt", ctypes.c_uint32),
         ("hs_rcv_nxt", ctypes.c_uint32),
+        # Layout 4: this direction's TCP phases while paired.
+        ("tcp_bytes", ctypes.c_uint64),
+        ("tcp_msgs", ctypes.c_uint64),
+        ("fallback_ns", ctypes.c_uint64),
+        ("fallbacks", ctypes.c_uint32),
+        ("resumes", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),  # SockFlag
+        ("reserved2", ctypes.c_uint32),
     ]
 
 
@@ -176,6 +204,8 @@ ENUMS: dict[str, dict[str, int]] = {
         "EZ_MAX_CAPTURE_PORTS": MAX_CAPTURE_PORTS,
     },
     "ez_sock_state": {f"EZ_{s.name}": s.value for s in SockState},
+    "ez_sock_flags": {f"EZ_SF_{f.name}": f.value for f in SockFlag},
+    "ez_config_flags": {f"EZ_CFG_{f.name}": f.value for f in ConfigFlag},
     "ez_rule": {f"EZ_RULE_{r.name}": r.value for r in Rule},
     "ez_index_kind": {f"EZ_IDX_{k.name}": k.value for k in IndexKind},
     "ez_counter": {

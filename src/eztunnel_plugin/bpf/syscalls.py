@@ -3,25 +3,29 @@
 Program fds of a loaded object, BPF links (cgroup sock_ops, sk_msg on a
 SOCKHASH) and their in-place update, pinning and opening pins, object info,
 and map access by fd (including per-CPU values, which pylibbpf reads with a
-wrong buffer size). `load_object` loads an object file through libbpf's C API
-(the copy bundled in pylibbpf's extension), with maps reused from pins, which
-pylibbpf's Python API cannot do.
+wrong buffer size; anonymous maps for tests). `load_object` loads an object
+file through libbpf's C API (the copy bundled in pylibbpf's extension), with maps
+reused from pins, which pylibbpf's Python API cannot do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import importlib.util
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+from eztunnel_plugin.errors import BpfError, LoadError
+
 # enum bpf_cmd
+MAP_CREATE = 0
 MAP_LOOKUP_ELEM = 1
 MAP_UPDATE_ELEM = 2
 MAP_DELETE_ELEM = 3
@@ -48,14 +52,12 @@ NOEXIST = 1
 F_REPLACE = 1 << 2
 
 # enum bpf_map_type values we need to recognise
+MAP_TYPE_HASH = 1
+MAP_TYPE_ARRAY = 2
 MAP_TYPE_PERCPU_ARRAY = 6
 
 _SYS_BPF = 321  # x86_64
 _ATTR_SIZE = 128
-
-
-class BpfError(OSError):
-    """A bpf(2) call failed; carries errno and what we tried to do."""
 
 
 @cache
@@ -98,6 +100,16 @@ def obj_pin(fd: int, path: Path) -> None:
 def obj_get(path: Path) -> int:
     p = ctypes.create_string_buffer(os.fsencode(path))
     return _bpf(OBJ_GET, _attr((0, "=Q", _addr(p))), f"open pin {path}")
+
+
+@contextlib.contextmanager
+def pin_fd(path: Path) -> Iterator[int]:
+    """An fd of the object pinned at `path`, closed on exit."""
+    fd = obj_get(path)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 # ---- object info ------------------------------------------------------------
@@ -245,6 +257,14 @@ def link_update(link_fd: int, new_prog_fd: int, old_prog_fd: int | None) -> None
 # ---- map access by fd -----------------------------------------------------------
 
 
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int) -> int:
+    """A new anonymous map (no pin, no program): gone when its last fd closes."""
+    attr = _attr(
+        (0, "=I", map_type), (4, "=I", key_size), (8, "=I", value_size), (12, "=I", max_entries)
+    )
+    return _bpf(MAP_CREATE, attr, f"create map (type {map_type})")
+
+
 @cache
 def possible_cpus() -> int:
     """Count of possible CPUs: per-CPU map values come back one slot per CPU."""
@@ -369,10 +389,6 @@ def percpu_lookup(fd: int, key: bytes, value_size: int) -> list[bytes]:
 
 
 # ---- loading an object through libbpf's C API ----------------------------------------
-
-
-class LoadError(Exception):
-    """libbpf could not open or load the object; carries libbpf's own explanation."""
 
 
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)

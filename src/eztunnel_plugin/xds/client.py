@@ -6,6 +6,11 @@ wildcard subscriptions for Address then Authorization, ACK/NACK per response wit
 nonce, partial acceptance, removals, and reconnects that resend every held name in
 initial_resource_versions (with "" versions, so the server resends everything and a
 held name it neither resends nor removes is stale and dropped).
+
+The client is the wire only: it decodes each response through the Decoder of its type
+(xds.decode) and hands the records to that type's Handler (xds.handler), which returns
+what it refused. Resource versions are the client's: kept per type for the names
+accepted, resent on reconnect, never stored with the records.
 """
 
 from __future__ import annotations
@@ -17,19 +22,28 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar
 
 import grpc
 import grpc.aio
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
 
 from eztunnel_plugin import log
+from eztunnel_plugin.errors import ConnectError, ProtocolError
 from eztunnel_plugin.pb.envoy.config.core.v3 import base_pb2
-from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2, discovery_pb2_grpc
-from eztunnel_plugin.state.workloads import SUBSCRIBED_TYPES, WorkloadState
+from eztunnel_plugin.pb.envoy.service.discovery.v3 import discovery_pb2_grpc
+from eztunnel_plugin.pb.envoy.service.discovery.v3.discovery_pb2 import (
+    DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
+    Resource,
+)
+from eztunnel_plugin.xds.decode import Decoder
+from eztunnel_plugin.xds.handler import Handler, Rejection
+from eztunnel_plugin.xds.types import SUBSCRIBED_TYPES
 
 _log = log.get(__name__)
 
@@ -46,6 +60,9 @@ MAX_TYPE_URL: Final = 1024
 MAX_SERVER_TEXT: Final = 512  # error details and the like, in logs and the status API
 MAX_TOKEN_BYTES: Final = 64 * 1024
 STATIC_TOKEN_PREFIX: Final = "static:"  # AUTH_TOKEN=static:<token>; anything else is a file
+
+# Node metadata values: what a protobuf Struct holds (ISTIO_METAJSON_* are JSON).
+Json: TypeAlias = str | int | float | bool | list["Json"] | dict[str, "Json"] | None
 
 
 def bounded(text: str, limit: int = MAX_SERVER_TEXT) -> str:
@@ -79,9 +96,9 @@ def node_id(instance_ip: str, pod_name: str, pod_namespace: str) -> str:
     return f"ztunnel~{instance_ip}~{pod_name}.{pod_namespace}~{pod_namespace}.svc.cluster.local"
 
 
-def node_metadata_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+def node_metadata_from_env(env: Mapping[str, str]) -> dict[str, Json]:
     """The metadata ztunnel sends: NAME, NAMESPACE, INSTANCE_IPS, NODE_NAME, ISTIO_META_*."""
-    meta: dict[str, Any] = {}
+    meta: dict[str, Json] = {}
     for key, value in env.items():
         if key.startswith("ISTIO_META_") and len(key) > 11:
             meta[key[11:]] = value
@@ -103,7 +120,7 @@ class XdsConfig:
     """How to reach istiod and who we say we are. from_env() reads ztunnel's variables."""
 
     node_id: str
-    node_metadata: Mapping[str, Any]
+    node_metadata: Mapping[str, Json]
     address: str = DEFAULT_ADDRESS
     plaintext: bool = False  # tests and local development only
     root_cert: str | None = DEFAULT_ROOT_CERT  # None or "SYSTEM": system roots
@@ -125,22 +142,25 @@ class XdsConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> XdsConfig:
+        """ztunnel's variables from env (default os.environ), then overrides (field=value:
+        loosely typed keywords from the command line, checked by the constructor)."""
         env = os.environ if env is None else env
-        kw: dict[str, Any] = {
-            "node_id": node_id(
+        base = cls(
+            node_id=node_id(
                 env.get("INSTANCE_IP", "1.1.1.1"),
                 env.get("POD_NAME", ""),
                 env.get("POD_NAMESPACE", ""),
             ),
-            "node_metadata": node_metadata_from_env(env),
-            "address": env.get("XDS_ADDRESS", DEFAULT_ADDRESS),
-            "cluster_id": env.get("ISTIO_META_CLUSTER_ID") or env.get("CLUSTER_ID") or "Kubernetes",
-            "headers": tuple(
+            node_metadata=node_metadata_from_env(env),
+            address=env.get("XDS_ADDRESS", DEFAULT_ADDRESS),
+            cluster_id=env.get("ISTIO_META_CLUSTER_ID") or env.get("CLUSTER_ID") or "Kubernetes",
+            headers=tuple(
                 (k[11:].lower(), v)
                 for k, v in sorted(env.items())
                 if k.startswith("XDS_HEADER_") and len(k) > 11
             ),
-        }
+        )
+        kw: dict[str, Any] = {}
         if "XDS_ROOT_CA" in env:
             kw["root_cert"] = env["XDS_ROOT_CA"]
         if "ALT_XDS_HOSTNAME" in env:
@@ -153,7 +173,7 @@ class XdsConfig:
         elif auth:
             kw["token_file"] = auth
         kw.update(overrides)
-        return cls(**kw)
+        return replace(base, **kw)
 
     @property
     def target(self) -> str:
@@ -181,14 +201,6 @@ def _system_roots() -> str | None:
         if candidate and Path(candidate).is_file():
             return candidate
     return None
-
-
-class ConnectError(Exception):
-    """Could not bring the channel up (refused, TLS failure, timeout, no token)."""
-
-
-class ProtocolError(Exception):
-    """The server broke the protocol (an oversize nonce, ...): drop the stream, back off."""
 
 
 @dataclass
@@ -220,7 +232,7 @@ def _nack_detail(rejected: Sequence[tuple[str, str]]) -> str:
     return "; ".join(parts)
 
 
-def _protocol_problem(resp: Any) -> str:
+def _protocol_problem(resp: DeltaDiscoveryResponse) -> str:
     """Why a response must not be handled at all ("" if it may). Never echoes it whole."""
     if len(resp.nonce) > MAX_NONCE:
         return f"nonce of {len(resp.nonce)} characters (limit {MAX_NONCE}): {resp.nonce[:64]!r}..."
@@ -229,24 +241,86 @@ def _protocol_problem(resp: Any) -> str:
     return ""
 
 
+M = TypeVar("M", bound=Message)
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What became of one response's resources and removals."""
+
+    accepted: dict[str, str]  # name -> version: now held by the handler
+    removed: frozenset[str]  # names handed over as removals
+    rejected: list[Rejection]  # decode failures, then the handler's refusals
+
+
+class Subscription(Protocol):
+    """One subscribed type as the client sees it (ztunnel's RawHandler)."""
+
+    @property
+    def type_url(self) -> str: ...
+
+    def apply(self, resources: Sequence[Resource], removals: Iterable[str]) -> Applied: ...
+
+    def synced(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Watch(Generic[M, R]):
+    """A Handler bound to the Decoder of its type (ztunnel's HandlerWrapper)."""
+
+    decoder: Decoder[M, R]
+    handler: Handler[R]
+
+    @property
+    def type_url(self) -> str:
+        return self.decoder.type_url
+
+    def apply(self, resources: Sequence[Resource], removals: Iterable[str]) -> Applied:
+        decoded = self.decoder.decode(resources)
+        removed = frozenset(removals) - decoded.records.keys()  # sent again: it stays
+        refused = list(self.handler.handle(decoded.records, removed))
+        # A refused update keeps the handler's previous record, so its previous version.
+        names = {r.name for r in refused}
+        accepted = {n: v for n, v in decoded.versions.items() if n not in names}
+        return Applied(accepted, removed, [*decoded.rejected, *refused])
+
+    def synced(self) -> None:
+        self.handler.synced()
+
+
 EventHook = Callable[[str, dict[str, object]], None]
 
 
 class XdsClient:
-    """Feeds a WorkloadState from istiod; run() until cancelled.
+    """Feeds one handler per subscribed type from istiod; run() until cancelled.
 
     on_event(kind, fields) hears xds.connected (first response on a stream),
     xds.disconnected, xds.synced (every type applied once) and xds.nack.
     """
 
     def __init__(
-        self, config: XdsConfig, state: WorkloadState, *, on_event: EventHook | None = None
+        self,
+        config: XdsConfig,
+        watches: Iterable[Subscription],
+        *,
+        on_event: EventHook | None = None,
     ) -> None:
         self.config = config
-        self.state = state
+        self._watches = {w.type_url: w for w in watches}
+        missing = [t for t in config.types if t not in self._watches]
+        if missing:
+            raise ValueError(f"no handler for subscribed type {missing[0]}")
         self.stats = XdsStats()
         self.synced = asyncio.Event()  # every subscribed type applied once
+        self._synced_types: set[str] = set()
+        # type -> name -> the version the server sent: what the handlers hold
+        self._versions: dict[str, dict[str, str]] = {t: {} for t in config.types}
         self._on_event = on_event
+
+    def held(self, type_url: str) -> dict[str, str]:
+        """Names held for type_url -> the server version each came with."""
+        return dict(self._versions.get(type_url, {}))
 
     def _event(self, kind: str, **fields: object) -> None:
         if self._on_event is not None:
@@ -258,7 +332,7 @@ class XdsClient:
     # --- connection -------------------------------------------------------------
     def _channel(self) -> grpc.aio.Channel:
         c = self.config
-        options: list[tuple[str, Any]] = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", c.max_receive_bytes),
             ("grpc.keepalive_time_ms", int(c.keepalive_time_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(c.keepalive_timeout_s * 1000)),
@@ -309,12 +383,12 @@ class XdsClient:
         except TimeoutError:
             raise ConnectError("connect timeout") from None
 
-    def _initial_request(self, type_url: str, versions: Mapping[str, str]) -> Any:
+    def _initial_request(self, type_url: str, versions: Mapping[str, str]) -> DeltaDiscoveryRequest:
         node = base_pb2.Node(id=self.config.node_id)
         meta = struct_pb2.Struct()
         meta.update(dict(self.config.node_metadata))
         node.metadata.CopyFrom(meta)
-        req = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, node=node)
+        req = DeltaDiscoveryRequest(type_url=type_url, node=node)
         req.initial_resource_versions.update(versions)
         return req
 
@@ -333,14 +407,16 @@ class XdsClient:
             self.stats.streams += 1
             sent: dict[str, dict[str, str]] = {}
             for type_url in self.config.types:
-                held = self.state.held(type_url)
-                sent[type_url] = held if self.config.send_versions else dict.fromkeys(held, "")
+                held = self._versions[type_url]
+                sent[type_url] = (
+                    dict(held) if self.config.send_versions else dict.fromkeys(held, "")
+                )
                 await call.write(self._initial_request(type_url, sent[type_url]))
             _log.info("xds.stream_started", target=self.config.target, stream=self.stats.streams)
             first = True
             while True:
                 resp = await call.read()
-                if resp is grpc.aio.EOF:
+                if not isinstance(resp, DeltaDiscoveryResponse):  # grpc.aio.EOF
                     return True
                 problem = _protocol_problem(resp)
                 if problem:
@@ -361,15 +437,18 @@ class XdsClient:
                 call.cancel()
             await channel.close()
 
-    def _handle(self, resp: Any, sent: dict[str, dict[str, str]]) -> Any:
+    def _handle(
+        self, resp: DeltaDiscoveryResponse, sent: dict[str, dict[str, str]]
+    ) -> DeltaDiscoveryRequest:
         """Apply one response; return its ACK or NACK.
 
         run_stream has checked the lengths of the nonce and type_url (_protocol_problem).
         """
         self.stats.responses += 1
         type_url = resp.type_url
-        reply = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, response_nonce=resp.nonce)
-        if type_url not in self.config.types:
+        reply = DeltaDiscoveryRequest(type_url=type_url, response_nonce=resp.nonce)
+        watch = self._watches.get(type_url)
+        if watch is None or type_url not in self.config.types:
             reply.error_detail.message = f"unsubscribed type {type_url[:256]}"
             self.stats.nacks += 1
             _log.warning("xds.nack", type_url=type_url[:256], reason="unsubscribed type")
@@ -386,12 +465,17 @@ class XdsClient:
                 self.stats.stale_dropped += len(stale)
                 _log.info("xds.stale_dropped", type_url=type_url, count=len(stale))
                 removed.extend(stale)
-        result = self.state.apply(type_url, resp.resources, removed)
+        result = watch.apply(resp.resources, removed)
+        held = self._versions[type_url]
+        for name in result.removed:
+            held.pop(name, None)
+        held.update(result.accepted)
         if initial is not None:
-            self.state.mark_synced(type_url)
-            if self.state.complete and not self.synced.is_set():
+            watch.synced()
+            self._synced_types.add(type_url)
+            if self._synced_types.issuperset(self.config.types) and not self.synced.is_set():
                 self.synced.set()
-                self._event("xds.synced", version=self.state.version)
+                self._event("xds.synced")
         _log.debug(
             "xds.response",
             type_url=type_url,
@@ -399,7 +483,7 @@ class XdsClient:
             resources=len(resp.resources),
             removed=len(removed),
             rejected=len(result.rejected),
-            version=self.state.version,
+            held=len(held),
         )
         if result.rejected:
             reply.error_detail.message = _nack_detail(result.rejected)
