@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import subprocess
 import time
@@ -21,6 +22,7 @@ from typing import TypeVar
 from eztunnel_lab import counters, traffic
 from eztunnel_lab.netlab import Lab, Pod
 from eztunnel_lab.sim import AmbientNode, SimError, check_path, set_affinity
+from eztunnel_plugin import selftest
 
 SOCKPERF_PORT, IPERF_PORT, FCT_PORT = 11111, 5201, 9100
 PINGPONG6_PORT, IPERF6_PORT, CONNS_PORT = 11112, 5202, 9200  # IPv6 servers, conns (dual stack)
@@ -273,3 +275,9 @@ def paced_cpu(node: AmbientNode, seconds: int) -> tuple[float, Bulk]:
     cpu0 = node.cpu_usage_s()
     bulk = iperf3(node, seconds, 1, CPU_RATE)
     return node.cpu_usage_s() - cpu0, bulk
+
+
+def agent_skb_verdict() -> bool:
+    """Whether the agent would attach the SK_SKB workaround on this kernel (its self-test
+    table): benchmarks that load the programs themselves measure what production runs."""
+    return selftest.lost_wakeup_listed(platform.release()) is not False

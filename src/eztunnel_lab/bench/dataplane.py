@@ -10,7 +10,7 @@ from pathlib import Path
 
 from eztunnel_lab import counters, netlab
 from eztunnel_lab.bench.metric import Metric
-from eztunnel_lab.measure import iperf3_client, sockperf, spawn_servers
+from eztunnel_lab.measure import agent_skb_verdict, iperf3_client, sockperf, spawn_servers
 from eztunnel_lab.netlab import Lab, Pod
 from eztunnel_plugin.bpf import layout, loader
 
@@ -41,7 +41,7 @@ def bench_dataplane(rounds: int, seconds: int) -> list[Metric]:
     with Lab() as lab:
         a, b = lab.add_pod(), lab.add_pod()
         plain, spliced = lab.child_cgroup("plain"), lab.child_cgroup("spliced")
-        with loader.install_or_reuse(lab.bpffs, spliced) as dp:
+        with loader.install_or_reuse(lab.bpffs, spliced, skb_verdict=agent_skb_verdict()) as dp:
             for pod in (a, b):
                 dp.endpoints.put(pod.ip4, layout.EP_ENROLLED)
             start_servers(lab, b, plain, b.ip4, 12000)
