@@ -15,6 +15,7 @@ import contextlib
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -222,13 +223,21 @@ async def bench_agent_rss(n: int = 10_000, local: int = 1_000) -> dict[str, floa
 
 
 async def _agent_rss(cgroup: Path, bpffs: Path, xds: str, local: int) -> dict[str, float]:
+    # The agent's admin socket lives in a directory of the bench's own, never the host's.
+    with tempfile.TemporaryDirectory(prefix="ezbench-") as tmp:
+        return await _run_agent_rss(cgroup, bpffs, xds, local, Path(tmp) / "admin.sock")
+
+
+async def _run_agent_rss(
+    cgroup: Path, bpffs: Path, xds: str, local: int, admin: Path
+) -> dict[str, float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         api = f"127.0.0.1:{s.getsockname()[1]}"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "eztunnel_plugin", "run", "--xds-address", xds, "--xds-plaintext",
         "--node-name", NODE, "--cgroup", str(cgroup), "--bpffs", str(bpffs),
-        "--grpc-listen", api, "--log-level", "warning",
+        "--grpc-listen", api, "--admin-socket", str(admin), "--log-level", "warning",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
