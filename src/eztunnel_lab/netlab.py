@@ -223,11 +223,12 @@ class Lab(Managed):
         self._netns.clear()
         if self.cgroup.exists():
             for child in [p for p in self.cgroup.iterdir() if p.is_dir()]:
-                _rmdir_cgroup(child)
-            _rmdir_cgroup(self.cgroup)
+                rmdir_cgroup(child)
+            rmdir_cgroup(self.cgroup)
 
 
-def _rmdir_cgroup(path: Path) -> None:
+def rmdir_cgroup(path: Path) -> None:
+    """Remove an empty cgroup, waiting (bounded) for exiting tasks to leave it."""
     # rmdir fails while exiting tasks linger for a moment
     deadline = time.monotonic() + 10
     while path.exists():

@@ -13,11 +13,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eztunnel_lab.netlab import Lab, Pod, run
+from eztunnel_lab.netlab import Lab, Pod, rmdir_cgroup, run
 from eztunnel_plugin.bpf import layout, paths
 from eztunnel_plugin.bpf.maps import Dataplane
 
@@ -72,14 +71,7 @@ class Arena:
         for name in reversed(self._netns):
             run("ip", "netns", "del", name, check=False)
         for path in self._cgroups:
-            deadline = time.monotonic() + 10
-            while path.exists():
-                try:
-                    path.rmdir()
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
+            rmdir_cgroup(path)
 
 
 def paired_peer(dp: Dataplane, cookie: int) -> int | None:
