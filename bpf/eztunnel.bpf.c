@@ -406,6 +406,47 @@ static __always_inline long queued_on(__u64 sk_addr, __u32 *rcvbuf)
 	return BPF_CORE_READ(psock, msg_tot_len);
 }
 
+/* A receive path with a verdict program (stream or skb): the verdict moves TCP bytes
+ * into the redirect queue, and readers read that queue only. */
+static __always_inline bool verdict_rx(struct sk_psock *psock)
+{
+	if (BPF_CORE_READ(psock, progs.stream_verdict))
+		return true;
+	return bpf_core_field_exists(psock->progs.skb_verdict) &&
+	       BPF_CORE_READ(psock, progs.skb_verdict);
+}
+
+/* Can a direction into this psock's socket come back from a TCP phase at all? Not with
+ * a verdict program: there, resume corrupted a pooled HBONE tunnel's TLS stream in the
+ * lab (docs/dataplane.md, "Where it is off"), so such a fallback stays for good. */
+static __always_inline bool resumable_rx(struct sk_psock *psock)
+{
+	return !verdict_rx(psock);
+}
+
+/* Orders of loads that the checks below rely on hold on x86 (total store order);
+ * BPF cannot ask for them elsewhere, so other architectures keep the stricter rule. */
+#if defined(__TARGET_ARCH_x86)
+#define EZ_RESUME_ARCH 1
+#else
+#define EZ_RESUME_ARCH 0
+#endif
+
+/* TCP bytes a verdict program took off the receive queue and has not yet moved into
+ * the redirect queue (psock->ingress_skb, which the psock's work item empties: it
+ * queues an skb's bytes, then unlinks it). Read before the redirect queue, so that an
+ * skb moved in between is seen in one or the other. */
+static __always_inline bool verdict_backlog(__u64 sk_addr)
+{
+	struct sk_psock *psock = psock_of((struct sock *)(unsigned long)sk_addr);
+
+	if (!psock || !verdict_rx(psock))
+		return false;
+	if (!EZ_RESUME_ARCH)
+		return true;
+	return BPF_CORE_READ(psock, ingress_skb.qlen) != 0;
+}
+
 /* Callbacks of registered sockets: close cleans up, ACKs let a tainted one leave. */
 #define EZ_CB_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG)
 
@@ -623,7 +664,7 @@ static __always_inline void on_ack(struct bpf_sock_ops *ops)
 	    (peer->state != EZ_TAINTED ||
 	     bpf_ktime_get_ns() - peer->tainted_ns < EZ_UNSPLICE_GRACE_NS))
 		return;
-	if (queued_on(info->sk_addr, NULL) != 0)
+	if (verdict_backlog(info->sk_addr) || queued_on(info->sk_addr, NULL) != 0)
 		return;
 	if (bpf_map_delete_elem(&ez_socks, &cookie) == 0)
 		count(EZ_CNT_UNSPLICED, 1);
@@ -749,13 +790,9 @@ static __always_inline __u32 redirect_room(struct ez_sock_info *info, __u32 limi
  *                path either owns P's lock or sleeps there.
  * D is read before Q; x86's total store order keeps that order, which BPF cannot ask
  * for elsewhere, so other architectures keep the fallback for good.
+ *
+ * Not into a P with a verdict program (the SK_SKB workaround): see resumable_rx().
  */
-#if defined(__TARGET_ARCH_x86)
-#define EZ_RESUME_ARCH 1
-#else
-#define EZ_RESUME_ARCH 0
-#endif
-
 /* Resolved from kallsyms by libbpf; 0 when the kernel hides addresses (then any wait
  * queue entry that names a task or poll table counts as a sleeping reader). */
 extern const void woken_wake_function __ksym __weak;
@@ -798,16 +835,6 @@ static __always_inline bool waitq_quiet(struct sock *psk)
 	return false;
 }
 
-/* A receive path whose queues follow other rules (a stream or skb verdict program
- * moves TCP bytes into the redirect queue): never resume into it. */
-static __always_inline bool verdict_rx(struct sk_psock *psock)
-{
-	if (BPF_CORE_READ(psock, progs.stream_verdict))
-		return true;
-	return bpf_core_field_exists(psock->progs.skb_verdict) &&
-	       BPF_CORE_READ(psock, progs.skb_verdict);
-}
-
 enum ez_resume {
 	EZ_R_WAIT = 0,   /* not now: stay on TCP, look again at the next message */
 	EZ_R_YES = 1,    /* redirect this message */
@@ -835,10 +862,12 @@ static __always_inline int may_resume(struct bpf_sock *sk, struct ez_sock_info *
 		count(EZ_CNT_RESUME_WAIT_DRAIN, 1);
 		return EZ_R_WAIT;
 	}
-	/* B */
 	psock = psock_of(psk);
-	if (!psock || verdict_rx(psock) || !bpf_core_field_exists(psock->msg_tot_len))
+	if (!psock || !bpf_core_field_exists(psock->msg_tot_len))
 		return EZ_R_NEVER;
+	if (!resumable_rx(psock))
+		return EZ_R_NEVER;
+	/* B */
 	if (BPF_CORE_READ(psock, msg_tot_len))
 		return EZ_R_BYPASS;
 	/* Q, read after D */
@@ -907,8 +936,8 @@ static __always_inline void fall_back(struct ez_sock_info *info, bool resumable)
 }
 
 /* Can a fallback of this direction come back? Not on other architectures, not when
- * configured off, and not into a peer whose receive path has a verdict program
- * (looked at once: a socket keeps the programs it joined the sockhash with). */
+ * configured off, and not into a peer that has no psock or has a verdict program
+ * (looked at once: a socket keeps the psock and programs it joined the sockhash with). */
 static __always_inline bool resumable(struct ez_sock_info *info, struct ez_config *cfg)
 {
 	struct sock *psk = (struct sock *)(unsigned long)info->peer_sk_addr;
@@ -920,7 +949,7 @@ static __always_inline bool resumable(struct ez_sock_info *info, struct ez_confi
 	if (!(flags & EZ_SF_PEER_KNOWN)) {
 		psock = psk ? psock_of(psk) : NULL;
 		flags = EZ_SF_PEER_KNOWN;
-		if (!psock || verdict_rx(psock))
+		if (!psock || !resumable_rx(psock))
 			flags |= EZ_SF_NO_RESUME;
 		__sync_fetch_and_or(&info->flags, flags);
 	}

@@ -20,6 +20,7 @@ import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from packaging.requirements import Requirement
@@ -460,16 +461,7 @@ def test_agent_cli_runs_with_only_the_image_dependencies(tmp_path: Path) -> None
         # Installed here: the probe's "absent" proves the blocker, not a lucky venv.
         assert importlib.util.find_spec(name) is not None, name
         assert name not in allowed, f"{name} is a dependency of the agent"
-    r = subprocess.run(
-        [sys.executable, "-I", "-c", PROBE, json.dumps(sorted(allowed)), json.dumps(LAB_ONLY)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
-    got = json.loads(r.stdout)
+    got = run_probe(tmp_path, PROBE, json.dumps(sorted(allowed)), json.dumps(LAB_ONLY))
     assert got["absent"] == dict.fromkeys(LAB_ONLY, True)
     assert {"run", "uninstall", "status", "health"} <= set(got["commands"])
     assert not set(got["commands"]) & set(LAB_COMMANDS), got["commands"]
@@ -480,6 +472,50 @@ def test_agent_cli_runs_with_only_the_image_dependencies(tmp_path: Path) -> None
     top = got["runs"][0]["stdout"]
     for command in LAB_COMMANDS:
         assert not re.search(rf"^\s+{re.escape(command)}\b", top, re.M), top
+
+
+# ---- what the agent's daemon loads ------------------------------------------------------
+
+
+def run_probe(cwd: Path, code: str, *args: str) -> Any:
+    """Run `code` in a fresh, isolated interpreter; its stdout parsed as JSON."""
+    r = subprocess.run(
+        [sys.executable, "-I", "-c", code, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+# Never on the daemon's path, each resident memory for nothing the daemon uses: _hashlib
+# maps libcrypto's digests (lazyssl.py), yaml reads only a static endpoints file, rich only
+# draws the CLI's live view. Without --metrics-listen, neither ssl (lazyssl.py) nor
+# prometheus_client, whose exposition module imports ssl, http.server and urllib.request.
+DAEMON_NEVER = ("_hashlib", "yaml", "rich")
+DAEMON_WITHOUT_METRICS_NEVER = (*DAEMON_NEVER, "ssl", "_ssl", "prometheus_client")
+
+DAEMON_PROBE = r"""
+import json, sys
+from eztunnel_plugin import agent, cli, config  # `run`
+from eztunnel_plugin.api import health  # --health-listen
+if sys.argv[2] == "metrics":
+    from eztunnel_plugin.api import metrics  # --metrics-listen
+print(json.dumps(sorted(m for m in json.loads(sys.argv[1]) if m in sys.modules)))
+"""
+
+
+@pytest.mark.parametrize(
+    ("flags", "never"),
+    [("metrics", DAEMON_NEVER), ("no-metrics", DAEMON_WITHOUT_METRICS_NEVER)],
+)
+def test_the_daemon_path_loads_no_module_it_does_not_use(
+    tmp_path: Path, flags: str, never: tuple[str, ...]
+) -> None:
+    assert run_probe(tmp_path, DAEMON_PROBE, json.dumps(never), flags) == []
 
 
 # ---- the lab's CLI ---------------------------------------------------------------------

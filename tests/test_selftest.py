@@ -5,6 +5,7 @@ behind on any path (a timeout included)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -110,6 +111,14 @@ def test_an_unrecognised_version_is_treated_as_listed() -> None:
     assert got[0] == ATTACH_WORKAROUND and "not recognised" in got[1]
 
 
+def test_an_unbounded_reader_removes_the_variant_that_lets_it_grow() -> None:
+    grows = {"unread_bounded": "a reader that never reads is not bounded: 99 bytes accepted"}
+    got = decide(UNLISTED, {PLAIN: results(PLAIN, grows), VERDICT: results(VERDICT)})
+    assert got[0] == ATTACH_WORKAROUND and "unread_bounded: a reader" in got[1]
+    got = decide("6.18.44", {PLAIN: results(PLAIN), VERDICT: results(VERDICT, grows)})
+    assert got[0] == NO_SPLICE and "with the workaround: unread_bounded: a reader" in got[1]
+
+
 def test_a_test_that_could_not_run_does_not_splice() -> None:
     got = decide(UNLISTED, {PLAIN: results(PLAIN)}, error="loading x.o failed: EPERM")
     assert got == (NO_SPLICE, "the self-test could not run: loading x.o failed: EPERM")
@@ -130,7 +139,8 @@ def test_variants_run_both_on_a_listed_kernel_and_the_workaround_only_on_failure
 def test_result_rows_show_each_check_with_and_without_the_workaround() -> None:
     rows = selftest.result_rows([*results(PLAIN, {"fionread": "FIONREAD says 0"})])
     assert rows[0] == ("splice", "pass", "-")
-    assert rows[-1] == ("fionread", "FAIL: FIONREAD says 0", "-")
+    assert rows[CHECKS.index("fionread")] == ("fionread", "FAIL: FIONREAD says 0", "-")
+    assert rows[-1] == ("unread_bounded", "pass", "-")
 
 
 # ---- where the throwaway cgroup goes ------------------------------------------------------
@@ -301,6 +311,23 @@ def test_an_unlisted_kernel_failing_plain_runs_the_workaround_and_takes_it() -> 
 
 
 @kernel
+def test_an_unbounded_reader_forced_with_the_workaround_means_no_splice_here() -> None:
+    # This kernel is listed: without a bounded workaround there is nothing to attach.
+    require_root()
+    st = selftest.run(kernel="6.18.44", inject=["unread_bounded/skb_verdict"])
+    by = {c.name: c for c in st.checks}
+    assert by["unread_bounded/skb_verdict"].detail == "failure injected"
+    assert by["unread_bounded/plain"].passed and by["fionread/skb_verdict"].passed
+    assert st.decision == NO_SPLICE
+    assert st.reason.endswith("with the workaround: unread_bounded: failure injected")
+    # On an unlisted kernel, a plain variant that does not bound it takes the workaround.
+    st = selftest.run(kernel=UNLISTED, inject=["unread_bounded/plain", "fionread/plain"])
+    assert st.decision == ATTACH_WORKAROUND, st.reason
+    assert "unread_bounded: failure injected" in st.reason
+    assert _left_behind() == []
+
+
+@kernel
 def test_a_conditional_variant_runs_only_after_a_failure() -> None:
     # `name?` (how an unlisted kernel asks for the workaround) is skipped when every check
     # before it passed: here the workaround's run passes, so the plain one never runs.
@@ -345,6 +372,96 @@ def test_an_object_that_never_redirects_is_refused(tmp_path: Path) -> None:
     by = {c.name: c for c in st.checks}
     for v in (PLAIN, VERDICT):
         assert by[f"splice/{v}"].detail.startswith("0 bytes went through the redirect")
+        # Plain TCP alone is bounded: the check must not take that for a spliced pass.
+        unread = by[f"unread_bounded/{v}"].detail
+        assert unread.startswith("the direction was not spliced before the writer blocked: ")
+        assert " 0 bytes redirected, " in unread
+    assert _left_behind() == []
+
+
+# ---- unread_bounded: a writer towards a reader that never reads -----------------------------
+
+UNREAD = re.compile(
+    r"(?P<accepted>\d+) bytes accepted, bound (?P<bound>\d+) \((?:given; computed "
+    r"(?P<computed>\d+): )?buffers (?P<rcv>\d+) \+ (?P<snd>\d+), queue (?P<queue>\d+), message "
+    r"(?P<msg>\d+), slack (?P<slack>\d+)\); (?P<redirected>\d+) bytes redirected, "
+    r"(?P<fallbacks>\d+) fallbacks to TCP, the writer (?P<how>blocked|not blocked) after "
+)
+
+
+def _unread_alone(obj: Path, bound: int | None) -> dict[str, SelftestCheck]:
+    """unread_bounded alone, in both variants, in the self-test's own child (its cgroup and
+    netns), judged against `bound` if given."""
+    code = (
+        "import functools, json, sys; from eztunnel_plugin import selftest as s; "
+        "s.CHECKS = ('unread_bounded',); b = json.loads(sys.argv[2]); "
+        "s.Checks.unread_bounded = functools.partialmethod(s.Checks.unread_bounded, bound=b); "
+        "print(json.dumps(s._child(s.Request(**json.loads(sys.argv[1])))))"
+    )
+    with selftest._throwaway_cgroup() as (cg, join):
+        req = selftest.Request(str(obj), str(cg), join, [PLAIN, VERDICT], [])
+        proc = subprocess.run(
+            [PY, "-c", code, json.dumps(dataclasses.asdict(req)), json.dumps(bound)],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+    reply = json.loads(proc.stdout.splitlines()[-1])["results"]
+    return {c["name"]: SelftestCheck(**c) for r in reply.values() for c in r}
+
+
+@kernel
+def test_a_reader_that_never_reads_is_bounded_here_with_and_without_the_verdict() -> None:
+    require_root()
+    got = _unread_alone(paths.default_object(), None)
+    assert [n for n, c in got.items() if c.passed] == ["unread_bounded/plain",
+                                                       "unread_bounded/skb_verdict"]  # fmt: skip
+    assert _left_behind() == []
+
+
+@kernel
+def test_the_unread_check_fails_with_its_numbers_when_the_bound_is_tiny() -> None:
+    # The same run, judged against a bound of 1 byte: the check itself can fail, and says
+    # what it measured. The writer still stopped where the real bound put it: blocked by
+    # TCP after the direction was spliced and fell back, below the computed bound.
+    require_root()
+    got = _unread_alone(paths.default_object(), 1)
+    for v in (PLAIN, VERDICT):
+        c = got[f"unread_bounded/{v}"]
+        assert not c.passed
+        assert c.detail.startswith("a reader that never reads is not bounded: "), c.detail
+        m = UNREAD.search(c.detail)
+        assert m is not None, c.detail
+        n = {k: int(x) for k, x in m.groupdict().items() if k != "how"}
+        assert n["bound"] == 1 and m["how"] == "blocked"
+        assert 1 < n["accepted"] <= n["computed"], c.detail
+        assert n["computed"] == n["rcv"] + n["snd"] + n["queue"] + n["msg"] + n["slack"]
+        assert n["queue"] >= selftest.UNREAD_LIMIT and n["slack"] == selftest.MIB
+        assert n["redirected"] >= selftest.UNREAD_LIMIT and n["fallbacks"] >= 1, c.detail
+    assert _left_behind() == []
+
+
+@kernel
+def test_an_object_without_a_backlog_limit_is_refused_for_unbounded_memory(
+    tmp_path: Path,
+) -> None:
+    # The redirect queue escapes TCP's flow control, as it does without the data plane's
+    # limit: the writer is accepted up to the check's cap, never blocked, and no variant
+    # is attached.
+    require_root()
+    room = r"redirect_room\(info, cfg->backlog_limit, size, back\)"
+    obj = _build(tmp_path / "nolimit", room, "redirect_room(info, 0xffffffff, size, back)")
+    st = selftest.run(obj)
+    assert st.decision == NO_SPLICE, st.reason
+    by = {c.name: c for c in st.checks}
+    for v in (PLAIN, VERDICT):
+        c = by[f"unread_bounded/{v}"]
+        assert not c.passed and c.detail.startswith("a reader that never reads is not bounded")
+        m = UNREAD.search(c.detail)
+        assert m is not None, c.detail
+        assert m["computed"] is None and m["how"] == "not blocked"
+        assert int(m["accepted"]) > int(m["bound"]), c.detail
+        assert m["redirected"] == m["accepted"] and m["fallbacks"] == "0", c.detail
+        assert by[f"splice/{v}"].passed  # it splices, it just does not bound
+    assert "unread_bounded: a reader that never reads is not bounded" in st.reason
     assert _left_behind() == []
 
 

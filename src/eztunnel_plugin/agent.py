@@ -25,7 +25,7 @@ from pathlib import Path
 
 from eztunnel_plugin import __version__, log, selftest
 from eztunnel_plugin.aio import cancel_all
-from eztunnel_plugin.api import admin, health, inspector, metrics
+from eztunnel_plugin.api import admin, inspector, readings
 from eztunnel_plugin.api.inspector import ApiServer
 from eztunnel_plugin.api.reader import Reader
 from eztunnel_plugin.api.view import (
@@ -109,7 +109,7 @@ class Agent:
         self.reconciler: Reconciler | None = None
         self.reader = Reader()  # every map read the API and metrics make, off the loop
         self.selftest: SelftestStatus | None = None  # the kernel self-test fills it at start
-        self.push_latency = metrics.LatencyRecorder()  # push received -> endpoint map
+        self.push_latency = readings.LatencyRecorder()  # push received -> endpoint map
         self._pushes: deque[tuple[int, float]] = deque(maxlen=1024)  # (version, received)
         self._pushed = asyncio.Event()
         self.view: AdminView = View(self)  # all the API sees of the agent
@@ -125,6 +125,8 @@ class Agent:
         # The probes answer from the first moment: live at once, ready once all is.
         probes = None
         if self.cfg.health_listen is not None:
+            from eztunnel_plugin.api import health  # only with --health-listen
+
             probes = await health.start(self.view, self.cfg.health_listen)
         try:
             await self._prepare_dataplane()
@@ -168,6 +170,8 @@ class Agent:
         try:
             admin_server = await admin.start(self.view, cfg.admin_socket)
             if cfg.metrics_listen is not None:
+                from eztunnel_plugin.api import metrics  # only with --metrics-listen
+
                 metrics_server = await metrics.start(self.view, cfg.metrics_listen, self.reader)
             sink: EndpointSink = (
                 NoMap() if self.dp is None else ObservedSink(self.dp.endpoints, self.events)
@@ -379,7 +383,7 @@ class View:
 
     def active_pairs(self) -> dict[str, int] | None:
         dp = self._agent.dp
-        return None if dp is None else metrics.read_active_pairs(dp)
+        return None if dp is None else readings.read_active_pairs(dp)
 
     def flow_page(self, bucket: int, size: int) -> FlowPage | None:
         dp = self._agent.dp

@@ -19,14 +19,15 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import Final
-
-import yaml
+from typing import TYPE_CHECKING, Final
 
 from eztunnel_plugin import addr, log
 from eztunnel_plugin.bpf import layout
 from eztunnel_plugin.errors import EndpointsFileError
 from eztunnel_plugin.state.snapshot import Listener, Snapshot
+
+if TYPE_CHECKING:
+    import yaml
 
 _log = log.get(__name__)
 
@@ -37,9 +38,16 @@ MAX_ERROR: Final = 400  # characters of an error message
 _SHOWN: Final = 60  # characters of a bad value quoted in a message
 SETTLE_NS: Final = 2_000_000_000  # a file modified this recently is re-read on every poll
 
-_Loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = getattr(
-    yaml, "CSafeLoader", yaml.SafeLoader
-)
+
+def _loader() -> type[yaml.SafeLoader] | type[yaml.CSafeLoader]:
+    # yaml is imported on first use: only a static endpoints file needs it, and an
+    # agent fed by xDS should not carry it.
+    import yaml
+
+    loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = getattr(
+        yaml, "CSafeLoader", yaml.SafeLoader
+    )
+    return loader
 
 
 def _error(origin: str, problem: str) -> EndpointsFileError:
@@ -61,7 +69,9 @@ def _check_events(text: str, origin: str) -> None:
     top_nodes = 0  # nodes started directly in the top mapping: key, value, key, ...
     keys: set[str] = set()
     documents = 0
-    for event in yaml.parse(text, Loader=_Loader):
+    import yaml
+
+    for event in yaml.parse(text, Loader=_loader()):
         line = event.start_mark.line + 1 if event.start_mark is not None else 0
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise _error(origin, f"line {line}: YAML anchors and aliases are not allowed")
@@ -86,9 +96,11 @@ def _check_events(text: str, origin: str) -> None:
 
 def parse(text: str, origin: str = "endpoints file") -> frozenset[str]:
     """The canonical addresses text lists; raise EndpointsFileError on anything else."""
+    import yaml
+
     try:
         _check_events(text, origin)
-        doc = yaml.load(text, Loader=_Loader)  # a safe loader; the events are checked
+        doc = yaml.load(text, Loader=_loader())  # a safe loader; the events are checked
     except yaml.YAMLError as e:
         raise _error(origin, f"not valid YAML: {' '.join(str(e).split())}") from None
     except RecursionError:

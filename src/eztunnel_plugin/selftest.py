@@ -10,9 +10,12 @@ its peer, a reader that drains it, through the redirect and the TCP fallback); s
 a spliced socket; half-close (SHUT_WR reaches the peer as EOF, the other direction goes on);
 FIONREAD counts what is readable, redirected bytes and TCP bytes of a socket in the
 sockhash alike (docs/kernel.md, "Lost epoll wakeups", "Readers that bypass the redirect
-queue"). Nothing is pinned: the programs, links and maps live on the test process's fds
-and go when it exits. Its only enrolled address is a random 127.x.y.z, so no other socket
-is ever in scope of the test programs, and pods are never in its cgroup.
+queue"); a writer towards a reader that never reads is accepted no more than plain TCP's
+buffers, the backlog limit and one message (bounded memory: neither the redirect queue nor
+the verdict program escapes TCP's flow control). Nothing is pinned: the programs, links and
+maps live on the test process's fds and go when it exits. Its only enrolled address is a
+random 127.x.y.z, so no other socket is ever in scope of the test programs, and pods are
+never in its cgroup.
 
 The decision, one of three (`decide`):
 - ATTACH: every check passed without the workaround, on a kernel not in LOST_WAKEUP.
@@ -37,7 +40,6 @@ import json
 import os
 import platform
 import re
-import secrets
 import select
 import socket
 import struct
@@ -70,7 +72,7 @@ NO_SPLICE: Final = "no_splice"
 
 PLAIN: Final = "plain"  # sk_msg + sockops, as attached without the workaround
 VERDICT: Final = "skb_verdict"  # ... plus the no-op SK_SKB stream verdict
-CHECKS: Final = ("splice", "epoll", "sendfile", "half_close", "fionread")
+CHECKS: Final = ("splice", "epoll", "sendfile", "half_close", "fionread", "unread_bounded")
 
 READY_WITHIN_S: Final = 1.0  # the lost-wakeup bug stalls readers for 20-80 s
 CHILD_TIMEOUT_S: Final = 20.0  # the child's checks are bounded well below this
@@ -276,7 +278,7 @@ def _throwaway_cgroup(own: Path | None = None) -> Iterator[tuple[Path, bool]]:
     programs only ever act on the child's 127.x.y.z sockets."""
     own = own or own_cgroup()
     _sweep_stale(own)
-    path = own / f"{CGROUP_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
+    path = own / f"{CGROUP_PREFIX}{os.getpid()}-{os.urandom(3).hex()}"
     try:
         path.mkdir()
     except OSError as e:
@@ -330,6 +332,16 @@ SIOCSIFFLAGS: Final = 0x8914
 IFF_UP: Final = 0x1
 KIB: Final = 1024
 MIB: Final = 1 << 20
+
+# unread_bounded: a small backlog limit keeps the check short; the writer stops at
+# UNREAD_CAP times the bound (so the check can fail) or after UNREAD_WITHIN_S, and counts
+# as blocked once no EPOLLOUT came for UNREAD_SETTLE_S.
+UNREAD_LIMIT: Final = 256 * KIB
+UNREAD_MSG: Final = 64 * KIB
+UNREAD_SLACK: Final = MIB
+UNREAD_CAP: Final = 4
+UNREAD_WITHIN_S: Final = 0.3
+UNREAD_SETTLE_S: Final = 0.05
 
 
 def _private_netns() -> bool:
@@ -654,6 +666,63 @@ class Checks:
             finally:
                 self.plane.config.set_enabled(True)
 
+    def unread_bounded(self, bound: int | None = None) -> None:
+        """A writer towards a reader that never reads gets accepted no more than plain TCP
+        holds (the reader's receive and the writer's send buffer), plus the backlog limit,
+        plus one message: the redirect queue, and the verdict program's receive path,
+        leave TCP's flow control in charge (docs/kernel.md, "No backpressure on ingress
+        redirect"). Else every such connection holds kernel memory without bound.
+
+        bound: judge against this instead of the computed bound (tests); the writer still
+        stops where the computed one puts it."""
+        limit = UNREAD_LIMIT
+        self.plane.config.set_backlog_limit(limit)
+        client, server = self.spliced_pair()
+        with client, server, select.epoll() as wep:
+            client.setblocking(False)
+            wep.register(client.fileno(), select.EPOLLOUT)
+            before = self.plane.counters.read()
+            chunk = memoryview(bytes(UNREAD_MSG))
+            rcv = snd = accepted = 0
+            blocked = False
+
+            def limits() -> int:
+                """The bound: the largest buffers seen; a build without resume lets the
+                queue grow to the reader's receive buffer (redirect_room)."""
+                nonlocal rcv, snd
+                rcv = max(rcv, server.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+                snd = max(snd, client.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+                return rcv + snd + max(limit, rcv) + UNREAD_MSG + UNREAD_SLACK
+
+            computed = limits()
+            started = time.monotonic()
+            deadline = started + UNREAD_WITHIN_S
+            while accepted <= UNREAD_CAP * computed and time.monotonic() < deadline:
+                try:
+                    accepted += client.send(chunk)
+                except BlockingIOError:
+                    computed = limits()  # buffers grow as TCP tunes them
+                    if not wep.poll(UNREAD_SETTLE_S):
+                        blocked = True
+                        break
+            elapsed = time.monotonic() - started
+            computed = limits()
+            after = self.plane.counters.read()
+        redirected = after["bytes_redirected"] - before["bytes_redirected"]
+        fallbacks = after["backlog_fallbacks"] - before["backlog_fallbacks"]
+        judged = computed if bound is None else bound
+        how = (
+            f"{accepted} bytes accepted, bound {judged} ("
+            + ("" if bound is None else f"given; computed {computed}: ")
+            + f"buffers {rcv} + {snd}, queue {max(limit, rcv)}, message {UNREAD_MSG}, slack"
+            f" {UNREAD_SLACK}); {redirected} bytes redirected, {fallbacks} fallbacks to TCP,"
+            f" the writer {'blocked' if blocked else 'not blocked'} after {elapsed:.2f} s"
+        )
+        if accepted > judged:
+            raise CheckFailed(f"a reader that never reads is not bounded: {how}")
+        if redirected < UNREAD_MSG:  # else only plain TCP was measured
+            raise CheckFailed(f"the direction was not spliced before the writer blocked: {how}")
+
 
 def _run_variant(plane: Plane, addr: str, variant: str, inject: set[str]) -> list[SelftestCheck]:
     checks = Checks(plane, addr)
@@ -698,7 +767,8 @@ def _child(req: Request) -> dict[str, object]:
     try:
         plane.config.reset(True)
         where = "a private netns" if _private_netns() else "the agent's netns, on loopback"
-        octets = (secrets.randbelow(254) + 1, secrets.randbelow(256), secrets.randbelow(254) + 1)
+        rnd = os.urandom(3)  # not secrets: it loads libcrypto (hashlib) into the agent
+        octets = (rnd[0] % 254 + 1, rnd[1], rnd[2] % 254 + 1)
         addr = "127.{}.{}.{}".format(*octets)
         plane.endpoints.put(addr, layout.EP_ENROLLED)
         for want in req.variants:

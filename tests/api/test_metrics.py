@@ -17,8 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from eztunnel_lab.netlab import Lab
 from eztunnel_plugin.api import httpd
 from eztunnel_plugin.api import metrics as metrics_module
-from eztunnel_plugin.api.metrics import BPF_FAMILIES, UNEXPORTED_COUNTERS, LatencyRecorder, render
+from eztunnel_plugin.api.metrics import BPF_FAMILIES, UNEXPORTED_COUNTERS, render
 from eztunnel_plugin.api.reader import Reader
+from eztunnel_plugin.api.readings import LatencyRecorder
 from eztunnel_plugin.api.view import (
     FileStatus,
     SelftestCheck,
@@ -185,16 +186,6 @@ def test_a_file_source_before_the_data_plane_is_loaded() -> None:
     assert not names & {"eztunnel_endpoints_enrolled", "eztunnel_splicing_enabled",
                         "eztunnel_active_pairs", "eztunnel_pairs_total",
                         "eztunnel_xds_connected"}  # fmt: skip
-
-
-def test_latency_recorder_buckets() -> None:
-    r = LatencyRecorder((0.5, 1.0))
-    assert r.snapshot().counts == (0, 0, 0)
-    for seconds in (0.5, 0.75, 1.5, 0.1):
-        r.observe(seconds)
-    snap = r.snapshot()
-    assert snap.counts == (2, 1, 1) and snap.total_s == pytest.approx(2.85)
-    assert snap.bounds == (0.5, 1.0)
 
 
 def get(listen: Listen, path: str) -> bytes:

@@ -267,3 +267,19 @@ def test_fuzz_every_fault_is_caught(items: list[tuple[Resource, str]]) -> None:
     # every resource is accounted for: a record (first of its name) or a rejection
     assert len(got.records) + len(rejected) == len(items)
     assert got.records.keys() == got.versions.keys()
+
+
+def test_records_share_the_strings_many_workloads_repeat() -> None:
+    """Records hold one copy of each namespace, node, network, service account and trust
+    domain, and no uid beside the resource name (a structural check of a memory saving)."""
+    shared = {"service_account": "sa-1", "network": "net-1", "trust_domain": "td.local"}
+    res = [wl_res(f"uid-{i}", f"10.0.0.{i + 1}", namespace="ns-1", **shared) for i in range(3)]
+    got = decode.ADDRESS.decode(res)
+    assert not got.rejected and len(got.records) == 3
+    workloads = [r for r in got.records.values() if isinstance(r, WorkloadRecord)]
+    assert len(workloads) == 3
+    for field in ("namespace", "node", "network", "service_account", "trust_domain"):
+        first = getattr(workloads[0], field)
+        assert first and all(getattr(w, field) is first for w in workloads), field
+    for name, rec in got.records.items():
+        assert isinstance(rec, WorkloadRecord) and rec.uid is name

@@ -334,7 +334,7 @@ async fn inbound_hbone(ctx: Arc<Ctx>, pod: usize, stream: TcpStream, peer: Socke
                 tokio::spawn(inbound_stream(ctx.clone(), pod, peer.ip(), req, respond));
             }
             Err(e) => {
-                if !e.is_go_away() && !e.is_io() {
+                if !e.is_go_away() {
                     log(format!("{}: HBONE connection from {}: {}", p.cfg.name, peer, e));
                 }
                 break;

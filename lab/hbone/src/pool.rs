@@ -184,10 +184,15 @@ async fn connect(ctx: &Arc<Ctx>, key: &Key) -> Result<Tunnel, String> {
     let done = closed.clone();
     let ctx2 = ctx.clone();
     let pod_ix = key.src_pod;
+    let dst = key.dst;
     tokio::spawn(async move {
         // Drives the connection until it ends: released from the pool and no stream
         // left, or the peer went away.
-        let _ = conn.await;
+        if let Err(e) = conn.await {
+            if !e.is_go_away() {
+                eprintln!("eztunnel-hbone: HTTP/2 to {}: {}", dst, e);
+            }
+        }
         done.store(true, Ordering::SeqCst);
         let s = &ctx2.pods[pod_ix].stats.hbone;
         s.tunnels_active.fetch_sub(1, Ordering::Relaxed);

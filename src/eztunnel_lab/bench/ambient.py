@@ -9,13 +9,16 @@ stand-in (its counters; HBONE: streams) or the run fails; on the plugin node the
 per hop (capture, cross-netns mirror, same-netns mirror) and the reasons for any hop
 left on TCP are added up and reported with the results. With HBONE the cross-netns hop
 is one pooled tunnel for many connections: its share is counted per tunnel, and the
-rows of bench/pooled.py (endurance, churn, many connections) and IPv6 are added.
+rows of bench/pooled.py (endurance, churn, many connections) and IPv6 are added. The
+churn rows say what a connection costs: the plugin node's churn with nothing enrolled,
+the CPU per connection of each part of the node, and the BPF run time (bench/churn.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -34,7 +37,6 @@ from eztunnel_lab.measure import (
     start_servers,
 )
 from eztunnel_lab.sim import AmbientNode, SimError
-from eztunnel_plugin.bpf import layout, syscalls
 
 
 def spliced_percent(side: Side) -> float:
@@ -80,16 +82,7 @@ def agent_rss_mb(node: AmbientNode) -> float:
 
 def bpf_map_memory_mb(node: AmbientNode) -> float:
     """memlock of every pinned map of the agent (what the kernel charges for them)."""
-    total = 0
-    for name in layout.MAPS:
-        fd = syscalls.obj_get(node.lab.bpffs / name)
-        try:
-            for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-                if line.startswith("memlock:"):
-                    total += int(line.split()[1])
-        finally:
-            os.close(fd)
-    return total / (1 << 20)
+    return pooled.map_memory(node.lab.bpffs) / (1 << 20)
 
 
 def bench_ambient(rounds: int, seconds: int, standin: str = "hbone") -> list[Metric]:
@@ -111,9 +104,14 @@ def bench_ambient(rounds: int, seconds: int, standin: str = "hbone") -> list[Met
         m["lat6"] = Metric(pre + "ipv6_latency_p50_pinned", "us", "")
         m["tput6"] = Metric(pre + "ipv6_throughput_1_flow", "Gbit/s", "")
         m["churn"] = Metric(pre + "connection_churn", "conn/s", t["churn"])
+        # What the churn costs and why (the target is on the row above only).
+        m["churn_un"] = Metric(pre + "connection_churn_unenrolled", "conn/s", "")
+        m["churn_cpu"] = Metric(pre + "churn_cpu_per_conn", "us", "")
     rss = Metric(pre + "agent_rss", "MB", t["rss"], absolute=True)
     maps = Metric(pre + "bpf_map_memory", "MB", "", absolute=True)
     spliced = Metric(pre + "connections_spliced", "%", "", absolute=True)
+    churn_bpf = Metric(pre + "churn_bpf_time_per_conn", "us", "", absolute=True)
+    parts: dict[str, list[dict[str, float]]] = {"baseline": [], "plugin": [], "unenrolled": []}
     print(
         f"  building two simulated ambient nodes (baseline, plugin), {standin} stand-in", flush=True
     )
@@ -126,7 +124,7 @@ def bench_ambient(rounds: int, seconds: int, standin: str = "hbone") -> list[Met
             start_servers(side.node, ipv6=hb)
         for r in range(rounds):
             for side in sides if r % 2 == 0 else sides[::-1]:
-                _round(side, m, seconds, hb)
+                _round(side, m, seconds, parts if hb else None)
             mb = m[f"fct{1 << 20}"]
             print(
                 f"  round {r + 1}/{rounds}: pinned p50 {_last(m['lat_pin'])} us, 1 flow "
@@ -152,7 +150,46 @@ def bench_ambient(rounds: int, seconds: int, standin: str = "hbone") -> list[Met
             )
         print(f"  plugin node: {spliced.note}", flush=True)
         extra = _pooled_rows(sides, pre, t, seconds) if hb else []
+        if hb:
+            _churn_cost(sides[1], seconds, churn_bpf)
+            m["churn_cpu"].note = _churn_parts_note(parts)
+            m["churn_un"].note = (
+                "plugin node with every endpoint out of the map (sock_ops runs, pairs "
+                "nothing) vs the baseline node"
+            )
+            extra.append(churn_bpf)
     return _filled([*m.values(), rss, maps, spliced, *extra])
+
+
+def _churn_cost(side: Side, seconds: int, metric: Metric) -> None:
+    """Two more churn runs on the plugin node with BPF_ENABLE_STATS: BPF run time per
+    connection, endpoints enrolled and not (stats on cost a clock read per run: never
+    during the rate rows)."""
+    notes = []
+    for kind in ("enrolled", "unenrolled"):
+        try:
+            with pooled.unenrolled(side.node) if kind == "unenrolled" else contextlib.nullcontext():
+                c = pooled.churn(side, seconds, bpf_stats=True)
+        except (SimError, OSError, subprocess.TimeoutExpired) as err:
+            metric.failures.append(f"{kind}: {str(err)[:200]}")
+            _recover(side.node)
+            continue
+        assert c.bpf is not None
+        if kind == "enrolled":
+            metric.plugin.append(c.bpf.us_per_conn)
+        notes.append(f"{kind}: {c.bpf.text()}")
+    metric.note = "; ".join(notes)
+    print(f"  churn BPF cost: {metric.note}", flush=True)
+
+
+def _churn_parts_note(parts: dict[str, list[dict[str, float]]]) -> str:
+    """Median CPU per connection of each part of the node, per run kind."""
+    out = []
+    for kind, runs in parts.items():
+        if runs:
+            split = ", ".join(f"{k} {statistics.median(r[k] for r in runs):.0f}" for k in runs[0])
+            out.append(f"{kind}: {split}")
+    return "CPU us per connection by cgroup (median of rounds): " + "; ".join(out)
 
 
 def _last(m: Metric) -> str:
@@ -178,7 +215,8 @@ def _pooled_rows(sides: list[Side], pre: str, t: dict[str, str], seconds: int) -
     before = Metric(pre + "endurance_fct_10KB_p50_before_bursts", "us", "")
     after = Metric(pre + "endurance_fct_10KB_p50_after_bursts", "us", "")
     held_rss = Metric(pre + "many_conns_agent_rss", "MB", "", absolute=True)
-    kmem = Metric(pre + "many_conns_kernel_tcp_memory", "MB", "")
+    kmem = Metric(pre + "many_conns_kernel_memory", "MB", "")
+    kmaps = Metric(pre + "many_conns_bpf_map_memory", "MB", "", absolute=True)
     held_spliced = Metric(pre + "many_conns_spliced", "%", "", absolute=True)
     for side in sides:
         try:
@@ -209,11 +247,14 @@ def _pooled_rows(sides: list[Side], pre: str, t: dict[str, str], seconds: int) -
             kmem.failures.append(f"{side.name}: {str(err)[:200]}")
             _recover(side.node)
             continue
-        getattr(kmem, side.name).append(many.tcp_memory_mb)
+        getattr(kmem, side.name).append(many.kernel.total_mb)
+        kmem.note += f"{'; ' if kmem.note else ''}{side.name}: {many.kernel.text()}"
         if many.error:
             kmem.failures.append(f"{side.name}: {many.error}")
         if side.name == "plugin":
             held_rss.plugin.append(many.agent_rss_mb)
+            kmaps.plugin.append(many.kernel.maps / (1 << 20))
+            kmaps.note = f"{many.kernel.maps / max(1, many.held):.0f} bytes per held connection"
             pairs = many.spliced
             shares = [pairs["pairs_capture"], pairs["pairs_netns_mirror"]]
             app = min(shares) / many.held if many.held else 0.0
@@ -222,19 +263,26 @@ def _pooled_rows(sides: list[Side], pre: str, t: dict[str, str], seconds: int) -
             held_spliced.note = f"{many.held} held, {many.tunnels} tunnels, pairs {pairs}"
         print(
             f"  many connections {side.name}: {many.intact}/{many.held} intact, "
-            f"kernel TCP memory {many.tcp_memory_mb:.1f} MB, agent RSS "
+            f"kernel memory {many.kernel.total_mb:.1f} MB ({many.kernel.text()}), agent RSS "
             f"{many.agent_rss_mb:.1f} MB, {many.tunnels} tunnels",
             flush=True,
         )
-    return [share, before, after, held_rss, kmem, held_spliced]
+    return [share, before, after, held_rss, kmem, kmaps, held_spliced]
 
 
 def _size_name(size: int) -> str:
     return f"{size >> 20}MB" if size >= 1 << 20 else f"{size >> 10}KB"
 
 
-def _round(side: Side, m: dict[str, Metric], seconds: int, hb: bool = False) -> None:
-    node, name = side.node, side.name
+def _round(
+    side: Side,
+    m: dict[str, Metric],
+    seconds: int,
+    churn_parts: dict[str, list[dict[str, float]]] | None = None,
+) -> None:
+    """One round of every row on one node; `churn_parts` (HBONE only) collects the churn
+    rows' CPU per connection by part of the node."""
+    node, name, hb = side.node, side.name, churn_parts is not None
     pin = proven(side, 1, lambda: latency(node, True, seconds))
     unpin = proven(side, 1, lambda: latency(node, False, seconds))
     t1 = proven(side, 2, lambda: iperf3(node, seconds, 1))  # control + data connection
@@ -263,11 +311,7 @@ def _round(side: Side, m: dict[str, Metric], seconds: int, hb: bool = False) -> 
         values["tput6"] = t6.gbps
         if t6.error:
             m["tput6"].failures.append(f"{name}: {t6.error}")
-        try:
-            values["churn"] = pooled.churn(side, seconds)
-        except SimError as e:
-            m["churn"].failures.append(f"{name}: {str(e)[:200]}")
-            _recover(node)
+        _churn_round(side, m, values, churn_parts or {}, seconds)
     for key, bulk in (("tput", t1), ("tput8", t8), ("cpu", paced)):
         if bulk.error:
             m[key].failures.append(f"{name}: {bulk.error}")
@@ -275,6 +319,39 @@ def _round(side: Side, m: dict[str, Metric], seconds: int, hb: bool = False) -> 
         del values["cpu"]  # no bytes moved: no CPU per GB (never a free 0 for the plugin)
     for key, value in values.items():
         getattr(m[key], name).append(value)
+
+
+def _churn_round(
+    side: Side,
+    m: dict[str, Metric],
+    values: dict[str, float],
+    parts: dict[str, list[dict[str, float]]],
+    seconds: int,
+) -> None:
+    """Churn on this node; on the plugin node also with every endpoint unenrolled. The
+    unenrolled row's baseline is the baseline node's churn."""
+    runs = ["plugin", "unenrolled"] if side.name == "plugin" else ["baseline"]
+    for kind in runs:
+        key = "churn_un" if kind == "unenrolled" else "churn"
+        try:
+            with pooled.unenrolled(side.node) if kind == "unenrolled" else contextlib.nullcontext():
+                c = pooled.churn(side, seconds)
+            # Prove what ran: only the enrolled plugin run pairs (the app hops of its
+            # connections); with nothing enrolled, sock_ops must pair nothing.
+            if (c.pairs > 0) != (kind == "plugin"):
+                raise SimError(f"{kind} churn made {c.pairs} pairs for {c.conns} connections")
+        except SimError as e:
+            m[key].failures.append(f"{kind}: {str(e)[:200]}")
+            _recover(side.node)
+            continue
+        parts[kind].append(c.cpu_us)
+        if kind == "unenrolled":
+            m["churn_un"].plugin.append(c.per_second)
+            continue
+        values["churn"] = c.per_second
+        values["churn_cpu"] = sum(c.cpu_us.values())
+        if kind == "baseline":
+            m["churn_un"].baseline.append(c.per_second)
 
 
 def _recover(node: AmbientNode) -> None:

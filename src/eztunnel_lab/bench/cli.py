@@ -21,11 +21,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from eztunnel_lab.bench import ambient, dataplane, plot, resume, xds
+from eztunnel_lab.bench import ambient, churn, dataplane, plot, resume, xds
 from eztunnel_lab.bench.metric import Metric, Section
 
 SECTIONS: dict[str, Section] = {
     "dataplane": dataplane.section,
+    "churn": churn.section,
     "xds": xds.section,
     "ambient": ambient.section,
     "resume": resume.section,

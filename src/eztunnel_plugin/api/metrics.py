@@ -12,44 +12,44 @@ clients hold threads (and memory) for ever. The listener here (api/httpd.py, sha
 the health probes) stays bounded for any client: request line and headers by size and
 count (431 past that), connections by number (503 past that) and each connection by time;
 it never sends a traceback.
+
+The agent imports this module only to serve metrics (--metrics-listen): prometheus_client
+costs it about 6.8 MB resident, most of it ssl and libcrypto, which its exposition module
+imports at import time. What the agent records at rest is in api/readings.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import errno
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    InfoMetricFamily,
-    Metric,
-)
-from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.registry import Collector, CollectorRegistry
-
-from eztunnel_plugin import log
+from eztunnel_plugin import lazyssl, log
 from eztunnel_plugin.api import httpd
 from eztunnel_plugin.api.reader import Reader
 from eztunnel_plugin.api.view import AgentView, LatencyHistogram
-from eztunnel_plugin.bpf import layout, maps, syscalls
+from eztunnel_plugin.bpf import layout
 from eztunnel_plugin.config import Listen
-from eztunnel_plugin.errors import BpfError, ReaderBusy
+from eztunnel_plugin.errors import ReaderBusy
+
+# prometheus_client pulls in urllib.request, and that hashlib, for features the agent
+# never uses (pushing to a gateway): hashlib stays unloaded until something uses it.
+with lazyssl.hashlib_deferred():
+    from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+    from prometheus_client.metrics_core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        InfoMetricFamily,
+        Metric,
+    )
+    from prometheus_client.process_collector import ProcessCollector
+    from prometheus_client.registry import Collector, CollectorRegistry
 
 PATHS: Final = ("/stats/prometheus", "/metrics")  # Istio's path, and the usual one
 
 MAX_CONNECTIONS = httpd.MAX_CONNECTIONS  # the listener's bounds are api/httpd.py's
-
-# Push-to-map latency buckets, seconds: a one-workload change lands in a few ms, a first
-# 10,000-workload snapshot in well under a second.
-PUSH_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 _log = log.get(__name__)
 
@@ -167,23 +167,6 @@ BPF_FAMILIES: Final = (
     ),
 )
 UNEXPORTED_COUNTERS: Final = frozenset({"pairs"})
-
-
-class LatencyRecorder:
-    """Durations in PUSH_BUCKETS; observed on the event loop, read by scrapes."""
-
-    def __init__(self, bounds: tuple[float, ...] = PUSH_BUCKETS) -> None:
-        self._bounds = bounds
-        self._counts = [0] * (len(bounds) + 1)
-        self._total = 0.0
-
-    def observe(self, seconds: float) -> None:
-        i = next((i for i, b in enumerate(self._bounds) if seconds <= b), len(self._bounds))
-        self._counts[i] += 1
-        self._total += seconds
-
-    def snapshot(self) -> LatencyHistogram:
-        return LatencyHistogram(self._bounds, tuple(self._counts), self._total)
 
 
 def _histogram(name: str, help_: str, h: LatencyHistogram) -> HistogramMetricFamily:
@@ -314,53 +297,6 @@ def bpf_counter_families(counters: dict[str, int]) -> Iterator[CounterMetricFami
         yield family
     for counter in sorted(counters.keys() - named):
         yield _counter(f"eztunnel_bpf_{counter}_total", f"BPF counter {counter}", counters[counter])
-
-
-# ---- what the agent's view reads for the series (blocking) -----------------------------
-
-_SOCK = layout.SockInfo
-_VSIZE = ctypes.sizeof(_SOCK)
-_SPLICED = frozenset({layout.SockState.PAIRED, layout.SockState.TCP_PAIRED})
-_RULE_NAMES: Final = {r.value: r.name.lower() for r in layout.Rule if r.value}
-_BATCH = 1024
-
-
-def read_active_pairs(dp: maps.Dataplane) -> dict[str, int]:
-    """Pairs spliced now, by rule: both sockets in the socket table, pointing at each other,
-    and at least one direction still spliced (redirecting, or on TCP until it resumes).
-
-    Batched reads of the socket table, bounded by its size; only four fields of each
-    entry are decoded.
-    """
-    fd = dp.maps["ez_sockinfo"]
-    socks: dict[int, tuple[int, int, int, int]] = {}  # cookie -> state, rule, peer, active
-    cursor: int | None = 0
-    batch = _BATCH
-    for _ in range(layout.MAX_SOCKETS // _BATCH + 64):  # bounded: every batch moves on
-        if cursor is None:
-            break
-        try:
-            entries, cursor = syscalls.map_lookup_batch(fd, 8, _VSIZE, cursor, batch)
-        except BpfError as e:
-            if e.errno != errno.ENOSPC or batch >= layout.MAX_SOCKETS:
-                raise
-            batch *= 4  # one bucket holds more than a batch: read it whole
-            continue
-        for key, raw in entries:
-            socks[struct.unpack("=Q", key)[0]] = (
-                struct.unpack_from("=I", raw, _SOCK.state.offset)[0],
-                struct.unpack_from("=I", raw, _SOCK.rule.offset)[0],
-                struct.unpack_from("=Q", raw, _SOCK.peer_cookie.offset)[0],
-                raw[_SOCK.active.offset],
-            )
-    out = {r.name.lower(): 0 for r in layout.Rule if r.value}
-    for cookie, (state, rule, peer_cookie, active) in socks.items():
-        peer = socks.get(peer_cookie)
-        if not active or peer is None or peer[2] != cookie or rule not in _RULE_NAMES:
-            continue
-        if state in _SPLICED or peer[0] in _SPLICED:
-            out[_RULE_NAMES[rule]] += 1
-    return out
 
 
 def registry(view: AgentView) -> CollectorRegistry:

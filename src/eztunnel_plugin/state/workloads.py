@@ -129,8 +129,9 @@ class WorkloadState:
         self.authorizations: dict[str, AuthorizationRecord] = {}
         self.version = 0
         self._synced: set[str] = set()
-        # (network, ip) -> uid, for duplicate detection (HOST_NETWORK excluded).
-        self._ip_owner: dict[tuple[str, str], str] = {}
+        # network -> ip -> uid, for duplicate detection (HOST_NETWORK excluded). Nested,
+        # not keyed by (network, ip): that is a 64-byte tuple per address of the mesh.
+        self._ip_owner: dict[str, dict[str, str]] = {}
         # this node's endpoint ip -> uids claiming it (normally one).
         self._local: dict[str, set[str]] = {}
         # uid -> {ip: reason} of this node's addresses never enrolled (logged once each).
@@ -247,7 +248,7 @@ class WorkloadState:
             for k in ks:
                 holder = claimed.get(k)
                 if holder is None and k not in freed:
-                    holder = self._ip_owner.get(k)
+                    holder = self._ip_owner.get(k[0], {}).get(k[1])
                 if holder is not None and holder != n:
                     rejected[n] = f"duplicate address {k[1]}: already held by {holder}"
                     break
@@ -270,8 +271,9 @@ class WorkloadState:
     def _put_workload(self, key: str, w: WorkloadRecord) -> None:
         self.workloads[key] = w
         if not w.host_network:
+            owners = self._ip_owner.setdefault(w.network, {})
             for ip in w.addresses:
-                self._ip_owner[(w.network, ip)] = key
+                owners[ip] = key
         if not _qualifies(w, self.node_name):
             self.refused.pop(key, None)
             return
@@ -296,11 +298,13 @@ class WorkloadState:
         w = self.workloads.pop(key, None)
         if w is None:
             return False
-        if not w.host_network:
+        owned = None if w.host_network else self._ip_owner.get(w.network)
+        if owned is not None:
             for ip in w.addresses:
-                k = (w.network, ip)
-                if self._ip_owner.get(k) == key:
-                    del self._ip_owner[k]
+                if owned.get(ip) == key:
+                    del owned[ip]
+            if not owned:
+                del self._ip_owner[w.network]
         if _qualifies(w, self.node_name):
             for ip in w.addresses:  # refused ones are simply not in the index
                 owners = self._local.get(ip)

@@ -20,7 +20,6 @@ import ipaddress
 import json
 import os
 import random
-import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -196,6 +195,8 @@ class XdsConfig:
 
 def _system_roots() -> str | None:
     """The OS CA bundle (None: gRPC's bundled roots)."""
+    import ssl  # only here: the agent runs without it (lazyssl.py)
+
     paths = ssl.get_default_verify_paths()
     for candidate in (paths.cafile, paths.openssl_cafile):
         if candidate and Path(candidate).is_file():
@@ -430,7 +431,10 @@ class XdsClient:
                     self.stats.first_response_at = self.stats.last_response_at
                     _log.info("xds.connected", target=self.config.target, stream=self.stats.streams)
                     self._event("xds.connected", target=self.config.target)
-                await call.write(self._handle(resp, sent))
+                reply = self._handle(resp, sent)
+                # A full snapshot decodes to megabytes: never hold it across the next read.
+                del resp
+                await call.write(reply)
         finally:
             self.stats.connected = False
             if call is not None:

@@ -9,6 +9,7 @@ strictly and refuses what it cannot represent; so does this.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
@@ -158,18 +159,22 @@ def decode_workload(name: str, w: wl_pb.Workload) -> WorkloadRecord:
             raise Rejected(f"address {i}: {e}") from None
     if len(set(addrs)) != len(addrs):
         raise Rejected("duplicate address within the workload")
+    # Each field read makes a new str. Records are held for every workload of the mesh:
+    # the uid is the resource name's object, and the fields thousands of workloads share
+    # (namespace, node, network, service account, trust domain) are interned.
+    intern = sys.intern
     return WorkloadRecord(
-        uid=uid,
+        uid=name,
         name=w.name,
-        namespace=w.namespace,
-        node=w.node,
-        network=w.network,
+        namespace=intern(w.namespace),
+        node=intern(w.node),
+        network=intern(w.network),
         addresses=tuple(addrs),
         hbone=tp == wl_pb.HBONE,
         native_tunnel=w.native_tunnel,
         host_network=w.network_mode == wl_pb.HOST_NETWORK,
-        service_account=w.service_account,
-        trust_domain=w.trust_domain,
+        service_account=intern(w.service_account),
+        trust_domain=intern(w.trust_domain),
     )
 
 
@@ -202,7 +207,7 @@ def decode_service(name: str, s: wl_pb.Service) -> ServiceRecord:
         _check_gateway("waypoint", s.waypoint)
     for i, ww in enumerate(s.weighted_waypoints):
         _check_gateway(f"weighted_waypoints[{i}]", ww.destination)
-    return ServiceRecord(s.namespace, s.name, s.hostname, tuple(addrs))
+    return ServiceRecord(sys.intern(s.namespace), s.name, s.hostname, tuple(addrs))
 
 
 def decode_address(name: str, a: wl_pb.Address) -> AddressRecord:
