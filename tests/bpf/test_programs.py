@@ -760,8 +760,10 @@ def test_a_socket_left_out_of_a_full_sockhash_runs_no_ack_callbacks(
     first = hold_client(lab, a, b.ip4, 9000)  # takes both sockhash slots, then idles
     assert [f.rule for f in small_dp.sockinfo.flows()] == [layout.Rule.CROSS_MIRROR]
     before = small_dp.counters.read()
-    second = hold_client(lab, a, b.ip4, 9000, "--size", str(4 * MB))
-    finish_hold(second, rounds=3)  # some 32 MB over TCP: thousands of ACKs
+    # 1 MiB rounds: the tool sends a round whole before it reads the echo, which larger
+    # rounds can deadlock on buffers that have not grown yet.
+    second = hold_client(lab, a, b.ip4, 9000, "--size", str(MB))
+    finish_hold(second, rounds=15)  # some 32 MB over TCP: thousands of ACKs
     delta = counters_delta(before, small_dp.counters.read())
     assert delta["np_map_full"] == 1 and delta["np_no_peer"] == 1, delta
     assert delta.get("pairs", 0) == 0
