@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from eztunnel_lab.netlab import Lab
+from eztunnel_lab.netlab import Lab, Pod
 from eztunnel_plugin.api import httpd
 from eztunnel_plugin.api import metrics as metrics_module
 from eztunnel_plugin.api.metrics import BPF_FAMILIES, UNEXPORTED_COUNTERS, render
@@ -264,23 +264,31 @@ def scrape(addr: str, path: str = "/stats/prometheus") -> Series:
         return parse(r.read())[0]
 
 
+def metrics_agent(
+    lab: Lab, agents: list[AgentProc], tmp_path: Path, pod: Pod
+) -> tuple[AgentProc, str]:
+    """An agent enrolling `pod` from a file, serving metrics on a free loopback port."""
+    metrics = f"127.0.0.1:{free_port()}"
+    agent = AgentProc(lab, "--endpoints-file", str(endpoints_file(tmp_path / "e", pod.ip4)),
+                      "--metrics-listen", metrics)  # fmt: skip
+    agents.append(agent)
+    agent.wait_serving()
+    return agent, metrics
+
+
 @pytest.mark.kernel
 def test_a_live_spliced_flow_in_the_agents_metrics(
     lab: Lab, agents: list[AgentProc], tmp_path: Path
 ) -> None:
     a, b = lab.add_pod(), lab.add_pod()
-    eps = endpoints_file(tmp_path / "e", a.ip4)
-    metrics = f"127.0.0.1:{free_port()}"
-    agent = AgentProc(lab, "--endpoints-file", str(eps), "--metrics-listen", metrics)
-    agents.append(agent)
-    agent.wait_serving()
+    agent, metrics = metrics_agent(lab, agents, tmp_path, a)
     first = scrape(metrics)
     assert value(first, "eztunnel_ready") == 1
     assert value(first, "eztunnel_endpoints_enrolled") == 1
     assert value(first, "eztunnel_push_to_map_duration_seconds_count") == 0  # the start's load
 
     # A change of the file is a push: one latency observed once the map holds it.
-    endpoints_file(eps, a.ip4, b.ip4)
+    endpoints_file(tmp_path / "e", a.ip4, b.ip4)
     wait_for(lambda: value(scrape(metrics), "eztunnel_endpoints_enrolled") == 2,
              what="the second endpoint enrolled")  # fmt: skip
     wait_for(lambda: value(scrape(metrics), "eztunnel_push_to_map_duration_seconds_count") == 1,
@@ -308,12 +316,7 @@ def test_a_live_spliced_flow_in_the_agents_metrics(
 def test_metrics_refuse_oversize_and_bad_requests_without_traceback(
     lab: Lab, agents: list[AgentProc], tmp_path: Path
 ) -> None:
-    a = lab.add_pod()
-    metrics = f"127.0.0.1:{free_port()}"
-    agent = AgentProc(lab, "--endpoints-file", str(endpoints_file(tmp_path / "e", a.ip4)),
-                      "--metrics-listen", metrics)  # fmt: skip
-    agents.append(agent)
-    agent.wait_serving()
+    agent, metrics = metrics_agent(lab, agents, tmp_path, lab.add_pod())
     huge = b"a" * (100 << 10)
     assert http(metrics, b"GET /" + huge + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 431 ")
     header = b"GET /stats/prometheus HTTP/1.1\r\nX-Big: " + huge + b"\r\n\r\n"
@@ -335,12 +338,7 @@ def test_metrics_refuse_oversize_and_bad_requests_without_traceback(
 def test_metrics_bound_connections_and_their_time(
     lab: Lab, agents: list[AgentProc], tmp_path: Path
 ) -> None:
-    a = lab.add_pod()
-    metrics = f"127.0.0.1:{free_port()}"
-    agent = AgentProc(lab, "--endpoints-file", str(endpoints_file(tmp_path / "e", a.ip4)),
-                      "--metrics-listen", metrics)  # fmt: skip
-    agents.append(agent)
-    agent.wait_serving()
+    agent, metrics = metrics_agent(lab, agents, tmp_path, lab.add_pod())
     host, port = metrics.rsplit(":", 1)
     idle = [
         socket.create_connection((host, int(port)), timeout=15)
