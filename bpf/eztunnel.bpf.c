@@ -842,6 +842,20 @@ enum ez_resume {
 	EZ_R_BYPASS = 3, /* for good: the peer's reader bypasses its redirect queue */
 };
 
+/* What TCP's invariants make of D (copied_seq == write_seq): every byte received in
+ * order, none in the backlog or out of order, every byte acknowledged. Each is implied;
+ * each is checked, so that a kernel that keeps them otherwise waits instead of resuming. */
+static __always_inline bool tcp_settled(struct tcp_sock *tp, struct sock *psk, __u32 wseq)
+{
+	struct tcp_sock *ptp = (struct tcp_sock *)psk;
+
+	if (tp->snd_una != wseq || BPF_CORE_READ(ptp, rcv_nxt) != wseq)
+		return false;
+	if (BPF_CORE_READ(psk, sk_backlog.tail))
+		return false;
+	return !BPF_CORE_READ(ptp, out_of_order_queue.rb_node);
+}
+
 static __always_inline int may_resume(struct bpf_sock *sk, struct ez_sock_info *info)
 {
 	struct sock *psk = (struct sock *)(unsigned long)info->peer_sk_addr;
@@ -858,7 +872,7 @@ static __always_inline int may_resume(struct bpf_sock *sk, struct ez_sock_info *
 	/* D */
 	copied = BPF_CORE_READ((struct tcp_sock *)psk, copied_seq);
 	qlen = BPF_CORE_READ(psk, sk_receive_queue.qlen);
-	if (copied != wseq || qlen) {
+	if (copied != wseq || qlen || !tcp_settled(tp, psk, wseq)) {
 		count(EZ_CNT_RESUME_WAIT_DRAIN, 1);
 		return EZ_R_WAIT;
 	}

@@ -83,6 +83,11 @@ def test_numeric_flags_in_range() -> None:
 
 
 # --- the cgroup ------------------------------------------------------------------
+def test_the_workaround_is_allowed_unless_refused() -> None:
+    assert parse(*XDS, "--xds-plaintext").allow_workaround is True
+    assert parse(*XDS, "--xds-plaintext", "--no-workaround").allow_workaround is False
+
+
 def test_cgroup_must_be_cgroup2(tmp_path: Path) -> None:
     e = problem("--cgroup", str(tmp_path), *XDS, "--xds-plaintext")
     assert e.setting == "--cgroup" and "not a cgroup v2 directory" in str(e)

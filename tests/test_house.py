@@ -492,11 +492,11 @@ def run_probe(cwd: Path, code: str, *args: str) -> Any:
 
 
 # Never on the daemon's path, each resident memory for nothing the daemon uses: _hashlib
-# maps libcrypto's digests (lazyssl.py), yaml reads only a static endpoints file, rich only
-# draws the CLI's live view. Without --metrics-listen, neither ssl (lazyssl.py) nor
-# prometheus_client, whose exposition module imports ssl, http.server and urllib.request.
-DAEMON_NEVER = ("_hashlib", "yaml", "rich")
-DAEMON_WITHOUT_METRICS_NEVER = (*DAEMON_NEVER, "ssl", "_ssl", "prometheus_client")
+# maps libcrypto's digests and ssl libssl too (lazyssl.py: prometheus_client's exposition
+# module imports ssl), yaml reads only a static endpoints file, rich only draws the CLI's
+# live view. Without --metrics-listen, no prometheus_client either.
+DAEMON_NEVER = ("_hashlib", "ssl", "_ssl", "yaml", "rich")
+DAEMON_WITHOUT_METRICS_NEVER = (*DAEMON_NEVER, "prometheus_client")
 
 DAEMON_PROBE = r"""
 import json, sys

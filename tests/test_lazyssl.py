@@ -12,6 +12,20 @@ import pytest
 from eztunnel_lab.simpki import MeshCA
 from eztunnel_plugin import lazyssl
 
+
+def run_child(code: str, *args: str) -> str:
+    """Run `code` in a fresh isolated interpreter (it must exit 0); its stdout."""
+    r = subprocess.run(
+        [sys.executable, "-I", "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 CHILD = r"""
 import sys
 
@@ -54,15 +68,8 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 def test_asyncio_tls_works_once_ssl_is_imported(tmp_path: Path) -> None:
     ca = MeshCA.create(tmp_path / "pki")
     bundle = ca.issue("server", "ns", "sa", "127.0.0.1")
-    r = subprocess.run(
-        [sys.executable, "-c", CHILD, str(bundle), str(ca.ca_file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "ping-pong"
+    out = run_child(CHILD, str(bundle), str(ca.ca_file))
+    assert out.strip() == "ping-pong"
 
 
 def test_nothing_changes_where_asyncio_is_loaded_already() -> None:
@@ -90,15 +97,8 @@ print(hashlib.sha256(b"abc").hexdigest(), "_hashlib" in sys.modules)
 
 
 def test_hashlib_deferred_loads_hashlib_on_first_use() -> None:
-    r = subprocess.run(
-        [sys.executable, "-I", "-c", HASHLIB_CHILD],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
-    digest, loaded = r.stdout.split()
+    out = run_child(HASHLIB_CHILD)
+    digest, loaded = out.split()
     assert digest == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert loaded == "True"
 
@@ -116,3 +116,73 @@ def test_hashlib_deferred_keeps_a_loaded_hashlib() -> None:
     with lazyssl.hashlib_deferred():
         import hashlib as again
     assert again is hashlib and type(again) is type(sys)
+
+
+SSL_CHILD = r"""
+import sys
+
+from eztunnel_plugin.api import metrics  # prometheus_client, under ssl_deferred()
+assert "_ssl" not in sys.modules and "ssl" not in sys.modules, "ssl ran at import"
+assert "_hashlib" not in sys.modules, "hashlib ran at import"
+import http.client, urllib.request
+import prometheus_client.exposition as exposition
+
+if sys.argv[1] == "import":
+    import ssl  # anyone, later
+else:
+    # or a first use through a module that bound the stand-in: ssl's own class
+    ctx = exposition.ssl.SSLContext(exposition.ssl.PROTOCOL_TLS_CLIENT)
+    import ssl
+    assert type(ctx) is ssl.SSLContext
+assert exposition.ssl is ssl and http.client.ssl is ssl and urllib.request.ssl is ssl
+conn = http.client.HTTPSConnection("127.0.0.1", 9)  # builds ssl's default context
+assert type(conn._context) is ssl.SSLContext
+assert not any(isinstance(f, lazyssl._SslFinder) for f in sys.meta_path)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("first", ["import", "use"])
+def test_ssl_deferred_hands_ssl_over_on_first_import_or_use(first: str) -> None:
+    child = "from eztunnel_plugin import lazyssl\n" + SSL_CHILD
+    out = run_child(child, first)
+    assert out.strip()
+
+
+def test_the_stand_in_carries_ssl_s_own_constants() -> None:
+    import ssl
+
+    for name, value in lazyssl._IMPORT_TIME_NAMES.items():
+        if isinstance(value, int):
+            assert getattr(ssl, name) == value, name
+        else:
+            assert isinstance(getattr(ssl, name), type), name
+
+
+NEEDS_SSL_CHILD = r"""
+import sys
+
+from eztunnel_plugin import lazyssl
+
+with lazyssl.ssl_deferred():
+    import ssl  # a module that uses ssl while it is imported
+    ctx = ssl.create_default_context()
+import ssl as again
+
+assert sys.modules["ssl"] is again and type(again) is type(sys)
+assert type(ctx) is again.SSLContext and ssl.CERT_REQUIRED == again.CERT_REQUIRED
+print("ok")
+"""
+
+
+def test_ssl_deferred_gives_the_real_ssl_to_an_import_that_needs_it() -> None:
+    out = run_child(NEEDS_SSL_CHILD)
+    assert out.strip() == "ok"
+
+
+def test_ssl_deferred_keeps_a_loaded_ssl() -> None:
+    import ssl
+
+    with lazyssl.ssl_deferred():
+        import ssl as again
+    assert again is ssl and sys.modules["ssl"] is ssl

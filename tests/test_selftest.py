@@ -92,6 +92,14 @@ def test_listed_kernel_takes_the_workaround_even_when_plain_passes() -> None:
     assert got[0] == ATTACH_WORKAROUND and "known to lose epoll wakeups" in got[1]
 
 
+def test_no_workaround_refuses_to_splice_where_only_the_workaround_works() -> None:
+    both = {PLAIN: results(PLAIN), VERDICT: results(VERDICT)}
+    got = decide("6.12.80", both, allow_workaround=False)
+    assert got[0] == NO_SPLICE and "--no-workaround" in got[1], got
+    # Where plain TCP's checks pass on an unlisted kernel, nothing needs the workaround.
+    assert decide(UNLISTED, {PLAIN: results(PLAIN)}, allow_workaround=False)[0] == ATTACH
+
+
 def test_listed_kernel_whose_workaround_fails_does_not_splice() -> None:
     failed = results(VERDICT, {"sendfile": "12 of 34 bytes"})
     got = decide("6.12.80", {PLAIN: results(PLAIN), VERDICT: failed})
@@ -560,6 +568,19 @@ def test_the_selftest_command_exits_1_when_this_object_may_not_splice(tmp_path: 
     done = _cli("--object", str(junk), "--json")
     assert done.returncode == 1 and json.loads(done.stdout)["decision"] == NO_SPLICE
     assert "Traceback" not in done.stderr
+
+
+@kernel
+def test_the_selftest_command_with_no_workaround_decides_as_such_an_agent_would() -> None:
+    require_root()
+    plain = json.loads(_cli("--json").stdout)
+    refused = _cli("--no-workaround", "--json")
+    doc = json.loads(refused.stdout)
+    if plain["decision"] == ATTACH_WORKAROUND:  # this kernel needs it: refused, no splice
+        assert refused.returncode == 1 and doc["decision"] == NO_SPLICE
+        assert "--no-workaround" in doc["reason"]
+    else:  # nothing to refuse
+        assert refused.returncode == 0 and doc["decision"] == plain["decision"]
 
 
 def test_the_selftest_command_refuses_a_missing_object_in_one_line(tmp_path: Path) -> None:

@@ -138,7 +138,7 @@ class Agent:
     async def _prepare_dataplane(self) -> None:
         """The kernel self-test decides; attach as it decided, or attach nothing."""
         cfg = self.cfg
-        st = await asyncio.to_thread(selftest.run)
+        st = await asyncio.to_thread(selftest.run, allow_workaround=cfg.allow_workaround)
         if st.decision == selftest.NO_SPLICE:
             problem = await asyncio.to_thread(_stand_down, cfg.bpffs)
             if problem:

@@ -68,7 +68,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     if args.object is not None and not args.object.is_file():
         return _fail(f"--object: {args.object} is not a file")
     log.configure("console", "warning")
-    st = selftest.run(args.object)
+    st = selftest.run(args.object, allow_workaround=not args.no_workaround)
     if args.json:
         print(json.dumps(dataclasses.asdict(st), indent=2))
     else:
@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument(
         "--object", type=Path, default=None, help="BPF object to test (default: the packaged one)"
+    )
+    st.add_argument(
+        "--no-workaround",
+        action="store_true",
+        help="decide as an agent run with --no-workaround would",
     )
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_selftest)

@@ -98,6 +98,7 @@ class AgentConfig:
     backlog_limit: int
     admin_socket: Path = admin.DEFAULT_SOCKET
     health_listen: Listen | None = None  # readiness and liveness over HTTP (api/health.py)
+    allow_workaround: bool = True  # splice where only the SK_SKB workaround makes it work
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -180,6 +181,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default %(default)s)",
     )
     p.add_argument(
+        "--no-workaround",
+        action="store_true",
+        help="where the kernel needs the SK_SKB workaround to splice, do not splice "
+        "(pods stay on plain TCP; see the README's kernel section)",
+    )
+    p.add_argument(
         "--log-format",
         default=None,
         help="json or console (default: json unless stderr is a terminal)",
@@ -254,6 +261,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str], tty: bool) -> Ag
         capture_ports=ports,
         admin_socket=args.admin_socket,
         health_listen=health,
+        allow_workaround=not args.no_workaround,
     )
 
 

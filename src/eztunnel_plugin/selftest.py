@@ -121,9 +121,13 @@ def _summary(checks: Sequence[SelftestCheck]) -> str:
 
 
 def decide(
-    release: str, results: Mapping[str, Sequence[SelftestCheck]], error: str = ""
+    release: str,
+    results: Mapping[str, Sequence[SelftestCheck]],
+    error: str = "",
+    allow_workaround: bool = True,
 ) -> tuple[str, str]:
-    """(decision, reason) from the checks of each variant run (PLAIN, VERDICT)."""
+    """(decision, reason) from the checks of each variant run (PLAIN, VERDICT).
+    allow_workaround=False (--no-workaround) turns ATTACH_WORKAROUND into NO_SPLICE."""
     if error:
         return NO_SPLICE, f"the self-test could not run: {error}"
     listed = lost_wakeup_listed(release)
@@ -136,6 +140,8 @@ def decide(
         False: f"without the SK_SKB workaround: {_summary(plain or ())}",
     }[listed]
     if _passed(verdict):
+        if not allow_workaround:
+            return NO_SPLICE, f"{why}; the agent runs with --no-workaround"
         return ATTACH_WORKAROUND, f"{why}; every check passed with it"
     if verdict is None:
         return NO_SPLICE, f"{why}; the checks with the workaround did not run"
@@ -157,12 +163,14 @@ def run(
     kernel: str | None = None,
     inject: Sequence[str] = (),
     timeout: float = CHILD_TIMEOUT_S,
+    allow_workaround: bool = True,
 ) -> SelftestStatus:
     """Run the self-test against `obj` (default: the packaged object) in a child process and
     decide. Never raises for what it finds: a test that cannot run decides NO_SPLICE.
 
     kernel: decide as if the running kernel had this release (tests). inject: checks to
-    report failed without running them (`name` or `name/variant`; tests)."""
+    report failed without running them (`name` or `name/variant`; tests). allow_workaround:
+    see decide()."""
     release = kernel or platform.release()
     started = time.monotonic()
     results: dict[str, list[SelftestCheck]] = {}
@@ -175,7 +183,7 @@ def run(
             )
     except (DataplaneError, OSError) as e:
         error = str(e)
-    decision, reason = decide(release, results, error)
+    decision, reason = decide(release, results, error, allow_workaround)
     checks = tuple(c for v in (PLAIN, VERDICT) for c in results.get(v, []))
     status = SelftestStatus(
         decision=decision,

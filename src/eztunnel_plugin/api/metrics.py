@@ -14,8 +14,9 @@ count (431 past that), connections by number (503 past that) and each connection
 it never sends a traceback.
 
 The agent imports this module only to serve metrics (--metrics-listen): prometheus_client
-costs it about 6.8 MB resident, most of it ssl and libcrypto, which its exposition module
-imports at import time. What the agent records at rest is in api/readings.py.
+costs it about 3 MB resident; ssl, which its exposition module imports at import time,
+would add 4 MB more, and stays unloaded (lazyssl.ssl_deferred). What the agent records
+at rest is in api/readings.py.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from eztunnel_plugin.bpf import layout
 from eztunnel_plugin.config import Listen
 from eztunnel_plugin.errors import ReaderBusy
 
-# prometheus_client pulls in urllib.request, and that hashlib, for features the agent
-# never uses (pushing to a gateway): hashlib stays unloaded until something uses it.
-with lazyssl.hashlib_deferred():
+# prometheus_client pulls in ssl (its exposition module, http.client) and hashlib (under
+# urllib.request) for features the agent never uses (a TLS server, pushing to a gateway):
+# both stay unloaded until something uses them (lazyssl.py).
+with lazyssl.hashlib_deferred(), lazyssl.ssl_deferred():
     from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
     from prometheus_client.metrics_core import (
         CounterMetricFamily,
