@@ -59,6 +59,7 @@ class AgentProc:
         self.argv = [
             *CLI,
             "run",
+            "--allow-workaround",  # the data plane on this kernel too (README, the known risk)
             "--bpffs",
             str(lab.bpffs),
             "--cgroup",

@@ -83,9 +83,9 @@ def test_numeric_flags_in_range() -> None:
 
 
 # --- the cgroup ------------------------------------------------------------------
-def test_the_workaround_is_allowed_unless_refused() -> None:
-    assert parse(*XDS, "--xds-plaintext").allow_workaround is True
-    assert parse(*XDS, "--xds-plaintext", "--no-workaround").allow_workaround is False
+def test_the_workaround_is_refused_unless_allowed() -> None:
+    assert parse(*XDS, "--xds-plaintext").allow_workaround is False
+    assert parse(*XDS, "--xds-plaintext", "--allow-workaround").allow_workaround is True
 
 
 def test_cgroup_must_be_cgroup2(tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     if args.object is not None and not args.object.is_file():
         return _fail(f"--object: {args.object} is not a file")
     log.configure("console", "warning")
-    st = selftest.run(args.object, allow_workaround=not args.no_workaround)
+    st = selftest.run(args.object, allow_workaround=args.allow_workaround)
     if args.json:
         print(json.dumps(dataclasses.asdict(st), indent=2))
     else:
@@ -134,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--object", type=Path, default=None, help="BPF object to test (default: the packaged one)"
     )
     st.add_argument(
-        "--no-workaround",
+        "--allow-workaround",
         action="store_true",
-        help="decide as an agent run with --no-workaround would",
+        help="decide as an agent run with --allow-workaround would",
     )
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_selftest)

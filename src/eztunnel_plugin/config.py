@@ -98,7 +98,7 @@ class AgentConfig:
     backlog_limit: int
     admin_socket: Path = admin.DEFAULT_SOCKET
     health_listen: Listen | None = None  # readiness and liveness over HTTP (api/health.py)
-    allow_workaround: bool = True  # splice where only the SK_SKB workaround makes it work
+    allow_workaround: bool = False  # splice where only the SK_SKB workaround makes it work
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -181,10 +181,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default %(default)s)",
     )
     p.add_argument(
-        "--no-workaround",
+        "--allow-workaround",
         action="store_true",
-        help="where the kernel needs the SK_SKB workaround to splice, do not splice "
-        "(pods stay on plain TCP; see the README's kernel section)",
+        help="splice also where the kernel needs the SK_SKB workaround, at the risk the "
+        "README's kernel section describes (default: pods stay on plain TCP there)",
     )
     p.add_argument(
         "--log-format",
@@ -261,7 +261,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str], tty: bool) -> Ag
         capture_ports=ports,
         admin_socket=args.admin_socket,
         health_listen=health,
-        allow_workaround=not args.no_workaround,
+        allow_workaround=args.allow_workaround,
     )
 
 

@@ -127,7 +127,8 @@ def decide(
     allow_workaround: bool = True,
 ) -> tuple[str, str]:
     """(decision, reason) from the checks of each variant run (PLAIN, VERDICT).
-    allow_workaround=False (--no-workaround) turns ATTACH_WORKAROUND into NO_SPLICE."""
+    allow_workaround=False (the agent's default, without --allow-workaround) turns
+    ATTACH_WORKAROUND into NO_SPLICE."""
     if error:
         return NO_SPLICE, f"the self-test could not run: {error}"
     listed = lost_wakeup_listed(release)
@@ -141,7 +142,10 @@ def decide(
     }[listed]
     if _passed(verdict):
         if not allow_workaround:
-            return NO_SPLICE, f"{why}; the agent runs with --no-workaround"
+            return NO_SPLICE, (
+                f"{why}; every check passed with it, but it is not allowed "
+                "(--allow-workaround: it corrupted data in the lab)"
+            )
         return ATTACH_WORKAROUND, f"{why}; every check passed with it"
     if verdict is None:
         return NO_SPLICE, f"{why}; the checks with the workaround did not run"

@@ -498,36 +498,54 @@ async def _burst_writer(w: asyncio.StreamWriter, phase: int, a: argparse.Namespa
     w.write_eof()
 
 
-async def _checked_reader(r: asyncio.StreamReader, phase: int, a: argparse.Namespace) -> bool:
+async def _checked_reader(
+    r: asyncio.StreamReader, phase: int, a: argparse.Namespace, why: list[str]
+) -> bool:
     got = 0
     while got < a.size:
         chunk = await r.read(64 * 1024)
-        if not chunk or first_bad(chunk, phase + got) >= 0:
+        if not chunk:
+            why.append(f"EOF after {got} of {a.size} bytes")
+            return False
+        bad = first_bad(chunk, phase + got)
+        if bad >= 0:
+            why.append(f"wrong byte at stream offset {bad - phase} (read of {len(chunk)} at {got})")
             return False
         got += len(chunk)
-    return await r.read(1) == b""  # EOF exactly at the end
+    if await r.read(1) != b"":  # EOF exactly at the end
+        why.append("bytes after the end")
+        return False
+    return True
 
 
 async def _both_ways(
-    r: asyncio.StreamReader, w: asyncio.StreamWriter, out: int, inp: int, a: argparse.Namespace
+    r: asyncio.StreamReader,
+    w: asyncio.StreamWriter,
+    out: int,
+    inp: int,
+    a: argparse.Namespace,
+    why: list[str],
 ) -> bool:
-    ok = await asyncio.wait_for(
-        asyncio.gather(_burst_writer(w, out, a), _checked_reader(r, inp, a)), a.timeout
-    )
-    w.close()
+    try:
+        ok = await asyncio.wait_for(
+            asyncio.gather(_burst_writer(w, out, a), _checked_reader(r, inp, a, why)), a.timeout
+        )
+    except (OSError, TimeoutError, EOFError) as e:
+        why.append(repr(e))
+        return False
+    finally:
+        w.close()
     return bool(ok[1])
 
 
 def mesh_server(a: argparse.Namespace) -> int:
     async def run() -> None:
         done: list[bool] = []
+        why: list[str] = []
         finished = asyncio.Event()
 
         async def one(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            try:
-                done.append(await _both_ways(r, w, SERVER_PHASE, 0, a))
-            except (OSError, TimeoutError, EOFError):
-                done.append(False)
+            done.append(await _both_ways(r, w, SERVER_PHASE, 0, a, why))
             if len(done) == a.conns:
                 finished.set()
 
@@ -535,25 +553,28 @@ def mesh_server(a: argparse.Namespace) -> int:
         emit({"listening": a.port})
         async with server:
             await asyncio.wait_for(finished.wait(), a.timeout)
-        emit({"conns": len(done), "ok_conns": sum(done), "ok": all(done)})
+        emit({"conns": len(done), "ok_conns": sum(done), "ok": all(done), "why": why[:4]})
 
     asyncio.run(run())
     return 0
 
 
 def mesh_client(a: argparse.Namespace) -> int:
+    why: list[str] = []
+
     async def one() -> bool:
-        r, w = await asyncio.open_connection(a.host, a.port)
         try:
-            return await _both_ways(r, w, 0, SERVER_PHASE, a)
-        except (OSError, TimeoutError, EOFError):
+            r, w = await asyncio.open_connection(a.host, a.port)
+        except OSError as e:
+            why.append(repr(e))
             return False
+        return await _both_ways(r, w, 0, SERVER_PHASE, a, why)
 
     async def run() -> list[bool]:
         return list(await asyncio.gather(*(one() for _ in range(a.conns))))
 
     done = asyncio.run(run())
-    emit({"conns": len(done), "ok_conns": sum(done), "ok": all(done)})
+    emit({"conns": len(done), "ok_conns": sum(done), "ok": all(done), "why": why[:4]})
     return 0
 
 
