@@ -52,6 +52,17 @@ def first_bad(got: bytes | memoryview, off: int) -> int:
     return off + next(i for i in range(len(got)) if got[i] != want[i])
 
 
+def whence(got: bytes, at: int, off: int) -> str:
+    """What the wrong bytes at index `at` of `got` (stream offset `off` + at) are: the
+    pattern from another offset (moved by how much), or bytes not in the pattern."""
+    window = bytes(got[at : at + 32])
+    o = PAT2.find(window) if len(window) == 32 else -1
+    if o < 0:
+        return "bytes that are not in the pattern"
+    want = (off + at) % P
+    return f"the pattern {(o - want + P // 2) % P - P // 2:+d} bytes away"
+
+
 def fionread(s: socket.socket) -> int:
     buf = array.array("i", [0])
     fcntl.ioctl(s.fileno(), termios.FIONREAD, buf)
@@ -509,7 +520,9 @@ async def _checked_reader(
             return False
         bad = first_bad(chunk, phase + got)
         if bad >= 0:
-            why.append(f"wrong byte at stream offset {bad - phase} (read of {len(chunk)} at {got})")
+            there = whence(chunk, bad - phase - got, phase + got)
+            at = f"stream offset {bad - phase} (read of {len(chunk)} at {got})"
+            why.append(f"wrong byte at {at}: {there}")
             return False
         got += len(chunk)
     if await r.read(1) != b"":  # EOF exactly at the end
