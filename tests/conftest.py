@@ -20,6 +20,20 @@ TOOLS = Path(__file__).parent / "tools"
 PY = sys.executable
 
 
+def run_isolated(code: str, *args: str, cwd: Path | None = None, timeout: float = 120) -> str:
+    """Run `code` in a fresh, isolated interpreter (`python -I`); it must exit 0. Its stdout."""
+    r = subprocess.run(
+        [PY, "-I", "-c", code, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("kernel tests need root (BPF, namespaces, cgroups)")

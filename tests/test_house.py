@@ -28,6 +28,8 @@ from packaging.utils import canonicalize_name
 
 from eztunnel_lab import cli as lab_cli
 
+from .conftest import run_isolated
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 AGENT, LAB = "eztunnel_plugin", "eztunnel_lab"
@@ -479,16 +481,7 @@ def test_agent_cli_runs_with_only_the_image_dependencies(tmp_path: Path) -> None
 
 def run_probe(cwd: Path, code: str, *args: str) -> Any:
     """Run `code` in a fresh, isolated interpreter; its stdout parsed as JSON."""
-    r = subprocess.run(
-        [sys.executable, "-I", "-c", code, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return json.loads(run_isolated(code, *args, cwd=cwd))
 
 
 # Never on the daemon's path, each resident memory for nothing the daemon uses: _hashlib

@@ -3,7 +3,6 @@ loopback still work, in a fresh interpreter (this one has ssl loaded long ago)."
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,19 +11,7 @@ import pytest
 from eztunnel_lab.simpki import MeshCA
 from eztunnel_plugin import lazyssl
 
-
-def run_child(code: str, *args: str) -> str:
-    """Run `code` in a fresh isolated interpreter (it must exit 0); its stdout."""
-    r = subprocess.run(
-        [sys.executable, "-I", "-c", code, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
-    return r.stdout
-
+from .conftest import run_isolated
 
 CHILD = r"""
 import sys
@@ -68,7 +55,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 def test_asyncio_tls_works_once_ssl_is_imported(tmp_path: Path) -> None:
     ca = MeshCA.create(tmp_path / "pki")
     bundle = ca.issue("server", "ns", "sa", "127.0.0.1")
-    out = run_child(CHILD, str(bundle), str(ca.ca_file))
+    out = run_isolated(CHILD, str(bundle), str(ca.ca_file))
     assert out.strip() == "ping-pong"
 
 
@@ -97,7 +84,7 @@ print(hashlib.sha256(b"abc").hexdigest(), "_hashlib" in sys.modules)
 
 
 def test_hashlib_deferred_loads_hashlib_on_first_use() -> None:
-    out = run_child(HASHLIB_CHILD)
+    out = run_isolated(HASHLIB_CHILD)
     digest, loaded = out.split()
     assert digest == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert loaded == "True"
@@ -145,7 +132,7 @@ print("ok")
 @pytest.mark.parametrize("first", ["import", "use"])
 def test_ssl_deferred_hands_ssl_over_on_first_import_or_use(first: str) -> None:
     child = "from eztunnel_plugin import lazyssl\n" + SSL_CHILD
-    out = run_child(child, first)
+    out = run_isolated(child, first)
     assert out.strip()
 
 
@@ -176,7 +163,7 @@ print("ok")
 
 
 def test_ssl_deferred_gives_the_real_ssl_to_an_import_that_needs_it() -> None:
-    out = run_child(NEEDS_SSL_CHILD)
+    out = run_isolated(NEEDS_SSL_CHILD)
     assert out.strip() == "ok"
 
 

@@ -260,7 +260,7 @@ def _left_behind() -> list[str]:
 @kernel
 def test_this_kernel_splices_with_every_check_passed_and_nothing_left() -> None:
     require_root()
-    st = selftest.run()
+    st = selftest.run(allow_workaround=True)
     assert st.kernel == os.uname().release
     assert st.decision in (ATTACH, ATTACH_WORKAROUND), st.reason
     chosen = PLAIN if st.decision == ATTACH else VERDICT
@@ -288,7 +288,7 @@ def test_this_kernels_fionread_regression_is_found_without_the_workaround() -> N
     require_root()
     if lost_wakeup_listed(os.uname().release) is not True:
         pytest.skip("this test knows the behaviour of the listed kernels (6.18.44 here)")
-    st = selftest.run(kernel=UNLISTED)
+    st = selftest.run(allow_workaround=True, kernel=UNLISTED)
     by = {c.name: c for c in st.checks}
     assert not by["fionread/plain"].passed
     assert by["fionread/plain"].detail == "FIONREAD says 0 of 16384 bytes that came through TCP"
@@ -300,7 +300,7 @@ def test_this_kernels_fionread_regression_is_found_without_the_workaround() -> N
 @kernel
 def test_a_failing_check_forced_in_both_variants_means_no_splice() -> None:
     require_root()
-    st = selftest.run(inject=["splice"])
+    st = selftest.run(allow_workaround=True, inject=["splice"])
     assert st.decision == NO_SPLICE
     by = {c.name: c for c in st.checks}
     assert by["splice/plain"].detail == by["splice/skb_verdict"].detail == "failure injected"
@@ -312,7 +312,9 @@ def test_a_failing_check_forced_in_both_variants_means_no_splice() -> None:
 @kernel
 def test_an_unlisted_kernel_failing_plain_runs_the_workaround_and_takes_it() -> None:
     require_root()
-    st = selftest.run(kernel=UNLISTED, inject=["epoll/plain", "fionread/plain"])
+    st = selftest.run(
+        allow_workaround=True, kernel=UNLISTED, inject=["epoll/plain", "fionread/plain"]
+    )
     names = [c.name for c in st.checks]
     assert names == [selftest.check_name(n, v) for v in (PLAIN, VERDICT) for n in CHECKS]
     assert st.decision == ATTACH_WORKAROUND, st.reason
@@ -322,14 +324,20 @@ def test_an_unlisted_kernel_failing_plain_runs_the_workaround_and_takes_it() -> 
 def test_an_unbounded_reader_forced_with_the_workaround_means_no_splice_here() -> None:
     # This kernel is listed: without a bounded workaround there is nothing to attach.
     require_root()
-    st = selftest.run(kernel="6.18.44", inject=["unread_bounded/skb_verdict"])
+    st = selftest.run(
+        allow_workaround=True, kernel="6.18.44", inject=["unread_bounded/skb_verdict"]
+    )
     by = {c.name: c for c in st.checks}
     assert by["unread_bounded/skb_verdict"].detail == "failure injected"
     assert by["unread_bounded/plain"].passed and by["fionread/skb_verdict"].passed
     assert st.decision == NO_SPLICE
     assert st.reason.endswith("with the workaround: unread_bounded: failure injected")
     # On an unlisted kernel, a plain variant that does not bound it takes the workaround.
-    st = selftest.run(kernel=UNLISTED, inject=["unread_bounded/plain", "fionread/plain"])
+    st = selftest.run(
+        allow_workaround=True,
+        kernel=UNLISTED,
+        inject=["unread_bounded/plain", "fionread/plain"],
+    )
     assert st.decision == ATTACH_WORKAROUND, st.reason
     assert "unread_bounded: failure injected" in st.reason
     assert _left_behind() == []
@@ -375,7 +383,7 @@ def test_an_object_that_never_redirects_is_refused(tmp_path: Path) -> None:
     require_root()
     redirect = r"bpf_msg_redirect_hash\(msg, &ez_socks, &peer, BPF_F_INGRESS\)"
     obj = _build(tmp_path / "noredirect", redirect, "(peer ? SK_DROP : SK_DROP)")
-    st = selftest.run(obj)
+    st = selftest.run(obj, allow_workaround=True)
     assert st.decision == NO_SPLICE
     by = {c.name: c for c in st.checks}
     for v in (PLAIN, VERDICT):
@@ -457,7 +465,7 @@ def test_an_object_without_a_backlog_limit_is_refused_for_unbounded_memory(
     require_root()
     room = r"redirect_room\(info, cfg->backlog_limit, size, back\)"
     obj = _build(tmp_path / "nolimit", room, "redirect_room(info, 0xffffffff, size, back)")
-    st = selftest.run(obj)
+    st = selftest.run(obj, allow_workaround=True)
     assert st.decision == NO_SPLICE, st.reason
     by = {c.name: c for c in st.checks}
     for v in (PLAIN, VERDICT):
@@ -478,7 +486,7 @@ def test_an_object_that_cannot_load_is_refused_with_a_reason(tmp_path: Path) -> 
     require_root()
     junk = tmp_path / "junk.bpf.o"
     junk.write_bytes(b"not an ELF file")
-    st = selftest.run(junk)
+    st = selftest.run(junk, allow_workaround=True)
     assert st.decision == NO_SPLICE and st.checks == ()
     assert st.reason.startswith(f"the self-test could not run: loading {junk} failed")
     assert _left_behind() == []
@@ -487,7 +495,7 @@ def test_an_object_that_cannot_load_is_refused_with_a_reason(tmp_path: Path) -> 
 @kernel
 def test_a_child_past_its_deadline_is_killed_and_its_cgroup_removed() -> None:
     require_root()
-    st = selftest.run(timeout=0.05)
+    st = selftest.run(allow_workaround=True, timeout=0.05)
     assert st.decision == NO_SPLICE
     assert st.reason == "the self-test could not run: its process did not finish in 0.05 s"
     assert _left_behind() == []
@@ -522,7 +530,7 @@ def test_with_only_the_charts_capabilities_the_checks_run_on_loopback(test_cgrou
     caps = ["setpriv", "--bounding-set=-all,+bpf,+net_admin,+perfmon", "--"]
     code = (
         "import dataclasses, json; from eztunnel_plugin import selftest; "
-        "print(json.dumps(dataclasses.asdict(selftest.run())))"
+        "print(json.dumps(dataclasses.asdict(selftest.run(allow_workaround=True))))"
     )
     proc = subprocess.run(
         [*caps, PY, "-c", code],

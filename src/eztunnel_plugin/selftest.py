@@ -164,17 +164,17 @@ def variants_for(release: str) -> list[str]:
 def run(
     obj: Path | None = None,
     *,
+    allow_workaround: bool,
     kernel: str | None = None,
     inject: Sequence[str] = (),
     timeout: float = CHILD_TIMEOUT_S,
-    allow_workaround: bool = True,
 ) -> SelftestStatus:
     """Run the self-test against `obj` (default: the packaged object) in a child process and
     decide. Never raises for what it finds: a test that cannot run decides NO_SPLICE.
 
     kernel: decide as if the running kernel had this release (tests). inject: checks to
     report failed without running them (`name` or `name/variant`; tests). allow_workaround:
-    see decide()."""
+    see decide(); no default, so that no caller gets the workaround by forgetting it."""
     release = kernel or platform.release()
     started = time.monotonic()
     results: dict[str, list[SelftestCheck]] = {}

@@ -11,6 +11,23 @@ import pytest
 
 Mount = Callable[[Path, str], Path]
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def build_object(out: Path, *make_vars: str) -> Path:
+    """This tree's BPF object with the Makefile's flags, built to `out`; `make_vars` such as
+    ARCH=arm64 or BPF_DEFINES=-DNAME change what it builds."""
+    proc = subprocess.run(
+        ["make", "-s", "--no-print-directory", "bpf-object", f"BPF_OUT={out}", *make_vars],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out
+
 
 @pytest.fixture
 def mount(tmp_path: Path) -> Iterator[Mount]:

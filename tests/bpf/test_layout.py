@@ -27,8 +27,7 @@ from eztunnel_plugin.state.workloads import WorkloadState
 from eztunnel_plugin.xds.decode import decode_workload
 
 from ..test_agent import AgentProc, log_events
-
-REPO = Path(__file__).resolve().parents[2]
+from .conftest import REPO, build_object
 
 Btf = dict[tuple[str, str], dict[str, Any]]
 
@@ -66,17 +65,7 @@ def test_struct_matches_btf(btf: Btf, name: str) -> None:
 def test_arm64_object_builds_with_the_same_layout(tmp_path: Path) -> None:
     # The Makefile derives the BPF target architecture from the machine; an arm64
     # node's object must compile and share every layout with this one.
-    out = tmp_path / "arm64.bpf.o"
-    proc = subprocess.run(
-        ["make", "-s", "--no-print-directory", "bpf-object", f"BPF_OUT={out}", "ARCH=arm64"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    arm64 = read_btf(out)
+    arm64 = read_btf(build_object(tmp_path / "arm64.bpf.o", "ARCH=arm64"))
     for name in layout.STRUCTS:
         check_struct(arm64, name)
     for name, values in layout.ENUMS.items():

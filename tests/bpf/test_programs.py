@@ -36,6 +36,7 @@ from ..conftest import (
     wait_for,
     wait_line,
 )
+from .conftest import build_object
 from .tools import TOOLS as BPF_TOOLS
 
 pytestmark = pytest.mark.kernel
@@ -489,7 +490,6 @@ def test_kill_switch(lab: Lab, dp: Dataplane) -> None:
 # 8. Pairing proof (issue 9) -----------------------------------------------------
 
 HANDSHAKE = BPF_TOOLS / "handshake.py"
-REPO = Path(__file__).resolve().parents[2]
 Proc = subprocess.Popen[bytes]
 
 
@@ -724,20 +724,6 @@ def test_a_tcp_repair_socket_is_never_registered(lab: Lab, dp: Dataplane) -> Non
     assert proc.stdin is not None
     proc.stdin.close()
     assert proc.wait(timeout=10) == 0
-
-
-def build_object(out: Path, *make_vars: str) -> Path:
-    """This tree's BPF object with the Makefile's flags, elsewhere (and maybe otherwise)."""
-    proc = subprocess.run(
-        ["make", "-s", "--no-print-directory", "bpf-object", f"BPF_OUT={out}", *make_vars],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return out
 
 
 @pytest.fixture

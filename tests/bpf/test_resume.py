@@ -37,6 +37,7 @@ from ..conftest import (
     wait_for,
     wait_line,
 )
+from .conftest import REPO, build_object
 from .tools import TOOLS as BPF_TOOLS
 
 pytestmark = pytest.mark.kernel
@@ -234,19 +235,6 @@ def test_bulk_bursts_then_chat_resume_every_time(lab: Lab, dp: Dataplane) -> Non
 
 # ---- the reader that Q exists for ---------------------------------------------------------
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def build_object(out: Path, *defines: str) -> Path:
-    """This tree's BPF object with the Makefile's flags and test-only defines."""
-    proc = subprocess.run(
-        ["make", "-s", "--no-print-directory", "bpf-object", f"BPF_OUT={out}",
-         f"BPF_DEFINES={' '.join(defines)}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return out
-
 
 def trap(lab: Lab, dp: Dataplane) -> tuple[dict[str, Any], dict[str, int]]:
     """200 KiB (falls back), then a reader asleep in MSG_WAITALL on the TCP path when
@@ -270,7 +258,7 @@ def test_no_resume_under_a_reader_asleep_on_the_tcp_path(lab: Lab, dp: Dataplane
 def test_without_quiet_the_same_reader_sees_bytes_reordered(lab: Lab, tmp_path: Path) -> None:
     # The trap is real: built without Q (test-only), a resume happens while the reader
     # sleeps in sk_wait_data, and the stream it reads is out of order.
-    obj = build_object(tmp_path / "noquiet.bpf.o", "-DEZ_TEST_UNSAFE_NO_QUIET")
+    obj = build_object(tmp_path / "noquiet.bpf.o", "BPF_DEFINES=-DEZ_TEST_UNSAFE_NO_QUIET")
     plane = loader.install_or_reuse(lab.bpffs, lab.cgroup, obj=obj)
     try:
         got, delta = trap(lab, plane)
@@ -667,12 +655,7 @@ def test_without_resume_a_fallback_is_for_good(lab: Lab, tmp_path: Path, why: st
     # "Where it is off").
     obj = None
     if why == "arm64-build":
-        obj = tmp_path / "arm64.bpf.o"
-        proc = subprocess.run(
-            ["make", "-s", "--no-print-directory", "bpf-object", f"BPF_OUT={obj}", "ARCH=arm64"],
-            cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
+        obj = build_object(tmp_path / "arm64.bpf.o", "ARCH=arm64")
     verdict = why == "skb-verdict"
     plane = loader.install_or_reuse(lab.bpffs, lab.cgroup, obj=obj, skb_verdict=verdict)
     try:
