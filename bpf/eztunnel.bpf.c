@@ -1047,13 +1047,84 @@ pass:
 	return SK_PASS;
 }
 
+/* ---- sk_skb ---------------------------------------------------------- */
+
+/* The kernel's sk_buff behind an __sk_buff (6.3+); NULL where it is missing. */
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym __weak;
+
+#define EZ_TCPHDR_SYN 0x02
+/* bpf_skb_adjust_room() removes at most 0xfff bytes a call in an sk_skb program. */
+#define EZ_TRIM_STEP 4095
+#define EZ_TRIM_STEPS 32 /* 131,040 bytes: more than any 64 KiB GSO segment repeats */
+
+/* Remove the first n bytes of skb; false if the kernel could not (memory). */
+static __always_inline bool trim_head(struct __sk_buff *skb, __u32 n)
+{
+	for (int i = 0; i < EZ_TRIM_STEPS && n; i++) {
+		__u32 step = n < EZ_TRIM_STEP ? n : EZ_TRIM_STEP;
+
+		if (bpf_skb_adjust_room(skb, -(__s32)step, 0, 0))
+			return false;
+		n -= step;
+	}
+	return n == 0;
+}
+
 /*
- * No-op stream verdict. Attached only where the kernel loses epoll wakeups for
- * sockets in a sockhash without an SK_SKB program (docs/kernel.md, "Lost epoll
- * wakeups").
+ * The stream verdict: attached only where the kernel loses epoll wakeups for sockets
+ * in a sockhash without an SK_SKB program (docs/kernel.md, "Lost epoll wakeups"). It
+ * passes every TCP byte on to the socket's own reader, once.
+ *
+ * Once: the kernel's tcp_read_skb() hands the verdict whole skbs, and TCP queues a
+ * retransmitted segment that starts before bytes it already has whole (its own
+ * readers skip the repeated head by copied_seq). Passed as is, the reader gets those
+ * bytes twice, and copied_seq runs ahead, so after the socket leaves the sockhash its
+ * reader skips as many new bytes (docs/kernel.md, "Repeated bytes on the verdict
+ * path"). So the program remembers where the last skb ended (rx_next) and cuts what
+ * a new one repeats. The verdict runs under the socket's lock, one skb at a time.
  */
 SEC("sk_skb/stream_verdict")
 int ez_skb_verdict(struct __sk_buff *skb)
 {
+	__u64 cookie = bpf_get_socket_cookie(skb);
+	struct ez_sock_info *info;
+	struct tcp_skb_cb *cb;
+	struct sk_buff *kskb;
+	__u32 seq, end, next;
+	__s32 repeated;
+
+#ifdef EZ_TEST_NO_TRIM
+	return SK_PASS; /* a test shows the kernel's repeat; production never sets this */
+#endif
+	if (!bpf_cast_to_kern_ctx)
+		return SK_PASS; /* the self-test's repeated_bytes check fails such kernels */
+	info = bpf_map_lookup_elem(&ez_sockinfo, &cookie);
+	if (!info)
+		return SK_PASS; /* registered sockets only are in the sockhash */
+	kskb = bpf_cast_to_kern_ctx(skb);
+	cb = (struct tcp_skb_cb *)kskb->cb;
+	seq = cb->seq;
+	if (cb->tcp_flags & EZ_TCPHDR_SYN)
+		seq++; /* a SYN's data starts after it (fast open) */
+
+	end = seq + skb->len;
+	if (info->flags & EZ_SF_RX_SEQ) {
+		next = info->rx_next;
+	} else {
+		/* First skb: nothing handed on yet, so the reader's copied_seq is where the
+		 * stream stands (a reader may have taken part of this skb before). Probe
+		 * reads through the address sockops recorded, as in the sk_msg program. */
+		struct tcp_sock *tp = (struct tcp_sock *)(unsigned long)info->sk_addr;
+
+		next = tp ? BPF_CORE_READ(tp, copied_seq) : seq;
+	}
+	repeated = (__s32)(next - seq);
+	/* TCP never queues an skb that adds nothing, so repeated < len; a larger one
+	 * would mean rx_next is wrong: pass it untouched rather than cut real bytes. */
+	if (repeated > 0 && repeated < (__s32)skb->len)
+		__sync_fetch_and_or(&info->flags, trim_head(skb, repeated) ? EZ_SF_RX_TRIMMED
+									   : EZ_SF_RX_UNTRIMMED);
+	info->rx_next = end;
+	__sync_fetch_and_or(&info->flags, EZ_SF_RX_SEQ);
 	return SK_PASS;
 }

@@ -43,6 +43,10 @@ enum ez_sock_flags {
 	EZ_SF_PEER_KNOWN = 1 << 1, /* the peer's receive path was looked at (first message) */
 	EZ_SF_NO_RESUME = 1 << 2,  /* ... and a fallback can never come back from it */
 	EZ_SF_LAGGED = 1 << 3,     /* fell back once: the peer's queue stays in half its buffer */
+	/* The verdict program's view of this socket's TCP receive stream (rx_next). */
+	EZ_SF_RX_SEQ = 1 << 4,       /* rx_next is set */
+	EZ_SF_RX_TRIMMED = 1 << 5,   /* a segment repeated bytes already handed on: trimmed */
+	EZ_SF_RX_UNTRIMMED = 1 << 6, /* ... and one could not be trimmed: bytes went twice */
 };
 
 /* ez_config.flags */
@@ -178,7 +182,10 @@ struct ez_sock_info {
 	__u32 fallbacks;   /* redirect -> TCP switches */
 	__u32 resumes;     /* TCP -> redirect switches */
 	__u32 flags;       /* enum ez_sock_flags */
-	__u32 reserved2;
+	/* Sequence number after the last TCP byte the verdict program handed to the
+	 * reader (with EZ_SF_RX_SEQ). Was reserved (zero) in layout 4's first programs,
+	 * which never read it: the layout did not change. */
+	__u32 rx_next;
 };
 
 /* A socket leaves the sockhash this long after its peer stopped redirecting to it:

@@ -32,6 +32,7 @@ from eztunnel_plugin.selftest import (
     lost_wakeup_listed,
 )
 
+from .bpf.conftest import build_object
 from .conftest import PY, require_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +149,7 @@ def test_result_rows_show_each_check_with_and_without_the_workaround() -> None:
     rows = selftest.result_rows([*results(PLAIN, {"fionread": "FIONREAD says 0"})])
     assert rows[0] == ("splice", "pass", "-")
     assert rows[CHECKS.index("fionread")] == ("fionread", "FAIL: FIONREAD says 0", "-")
-    assert rows[-1] == ("unread_bounded", "pass", "-")
+    assert rows[CHECKS.index("unread_bounded")] == ("unread_bounded", "pass", "-")
 
 
 # ---- where the throwaway cgroup goes ------------------------------------------------------
@@ -295,6 +296,23 @@ def test_this_kernels_fionread_regression_is_found_without_the_workaround() -> N
     assert all(c.passed for c in st.checks if c.name != "fionread/plain")
     assert st.decision == ATTACH_WORKAROUND and st.kernel == UNLISTED
     assert "fionread: FIONREAD says 0" in st.reason
+
+
+@kernel
+def test_a_verdict_that_passes_a_repeat_whole_is_caught(tmp_path: Path) -> None:
+    # The kernel hands the SK_SKB verdict a segment that repeats received bytes whole; a
+    # build without the program's trim gives the reader the repeat twice, and the check
+    # must say so (and refuse the workaround).
+    require_root()
+    obj = build_object(tmp_path / "notrim.bpf.o", "BPF_DEFINES=-DEZ_TEST_NO_TRIM")
+    st = selftest.run(obj, allow_workaround=True)
+    by = {c.name: c for c in st.checks}
+    if by["repeated_bytes/skb_verdict"].passed:
+        pytest.skip("this kernel does not repeat bytes on the verdict path")
+    # The first wrong byte is where the repeat began to reach the reader.
+    assert f"wrong from byte {selftest.REPEAT_BASE}," in by["repeated_bytes/skb_verdict"].detail
+    assert by["repeated_bytes/plain"].passed  # TCP's own reader skips the repeat
+    assert st.decision == NO_SPLICE and "repeated_bytes: " in st.reason
 
 
 @kernel

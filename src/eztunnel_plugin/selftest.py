@@ -12,7 +12,10 @@ FIONREAD counts what is readable, redirected bytes and TCP bytes of a socket in 
 sockhash alike (docs/kernel.md, "Lost epoll wakeups", "Readers that bypass the redirect
 queue"); a writer towards a reader that never reads is accepted no more than plain TCP's
 buffers, the backlog limit and one message (bounded memory: neither the redirect queue nor
-the verdict program escapes TCP's flow control). Nothing is pinned: the programs, links and
+the verdict program escapes TCP's flow control); a segment that repeats bytes the
+receiver has reaches its reader once (docs/kernel.md, "Repeated bytes on the verdict
+path"; it rebuilds the sender with TCP_REPAIR, which needs CAP_NET_ADMIN, as the agent's
+BPF programs do). Nothing is pinned: the programs, links and
 maps live on the test process's fds and go when it exits. Its only enrolled address is a
 random 127.x.y.z, so no other socket is ever in scope of the test programs, and pods are
 never in its cgroup.
@@ -53,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
-from eztunnel_plugin import log
+from eztunnel_plugin import log, tcprepair
 from eztunnel_plugin.api.view import SelftestCheck, SelftestStatus
 from eztunnel_plugin.bpf import layout, maps, paths, syscalls
 from eztunnel_plugin.errors import CheckFailed, DataplaneError, LoadError
@@ -72,7 +75,15 @@ NO_SPLICE: Final = "no_splice"
 
 PLAIN: Final = "plain"  # sk_msg + sockops, as attached without the workaround
 VERDICT: Final = "skb_verdict"  # ... plus the no-op SK_SKB stream verdict
-CHECKS: Final = ("splice", "epoll", "sendfile", "half_close", "fionread", "unread_bounded")
+CHECKS: Final = (
+    "splice",
+    "epoll",
+    "sendfile",
+    "half_close",
+    "fionread",
+    "unread_bounded",
+    "repeated_bytes",
+)
 
 READY_WITHIN_S: Final = 1.0  # the lost-wakeup bug stalls readers for 20-80 s
 CHILD_TIMEOUT_S: Final = 20.0  # the child's checks are bounded well below this
@@ -144,7 +155,7 @@ def decide(
         if not allow_workaround:
             return NO_SPLICE, (
                 f"{why}; every check passed with it, but it is not allowed "
-                "(--allow-workaround: it corrupted data in the lab)"
+                '(--allow-workaround; README, "The workaround corrupted data")'
             )
         return ATTACH_WORKAROUND, f"{why}; every check passed with it"
     if verdict is None:
@@ -353,6 +364,12 @@ UNREAD_MSG: Final = 64 * KIB
 UNREAD_SLACK: Final = MIB
 UNREAD_CAP: Final = 4
 UNREAD_WITHIN_S: Final = 0.3
+# repeated_bytes: BASE bytes, then a segment from BACK bytes before their end to MORE after
+# it; BACK is over 4095, the most one bpf_skb_adjust_room() call cuts in an sk_skb program.
+REPEAT_BASE: Final = 64 * KIB
+REPEAT_BACK: Final = 5000
+REPEAT_MORE: Final = 200
+PLAIN_ADDR: Final = "127.0.0.1"  # never enrolled: the repeat's sender stays unpaired
 UNREAD_SETTLE_S: Final = 0.05
 
 
@@ -370,6 +387,12 @@ def _private_netns() -> bool:
         flags = struct.unpack_from("16sH", raw)[1]
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
     return True
+
+
+def _unacked(s: socket.socket) -> int:
+    return int(
+        struct.unpack_from("I", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 24)[0]
+    )
 
 
 def _cookie(s: socket.socket) -> int:
@@ -734,6 +757,61 @@ class Checks:
             raise CheckFailed(f"a reader that never reads is not bounded: {how}")
         if redirected < UNREAD_MSG:  # else only plain TCP was measured
             raise CheckFailed(f"the direction was not spliced before the writer blocked: {how}")
+
+    def repeated_bytes(self) -> None:
+        """A segment that repeats bytes its receiver already has (a retransmission that
+        starts before the receiver's rcv_nxt) reaches the reader once. TCP queues such a
+        segment whole; the SK_SKB verdict gets it whole from the kernel and must cut the
+        repeat (docs/kernel.md, "Repeated bytes on the verdict path"). The receiver is a
+        connect() socket of the enrolled address whose peer is on a plain one: registered,
+        in the sockhash, never paired, so its bytes come through TCP."""
+        data = os.urandom(REPEAT_BASE + REPEAT_MORE)
+        client, server = self._unpaired_pair()
+        with client, contextlib.ExitStack() as stack:
+            stack.callback(server.close)  # the socket rebuild_behind did not replace, if so
+            if self.plane.sock_state(_cookie(client)) is None:
+                raise CheckFailed("the receiving socket was not registered")
+            server.sendall(data[:REPEAT_BASE])
+            deadline = time.monotonic() + READY_WITHIN_S
+            while _unacked(server) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if _unacked(server):
+                raise CheckFailed(f"{REPEAT_BASE} bytes not acknowledged in {READY_WITHIN_S:g} s")
+            behind = tcprepair.rebuild_behind(server, REPEAT_BACK)
+            stack.enter_context(behind)
+            behind.sendall(data[REPEAT_BASE - REPEAT_BACK :])  # one segment
+            behind.shutdown(socket.SHUT_WR)
+            got, eof = self.receive(client, len(data) + REPEAT_BACK + 1)
+        if got == data and eof:
+            return
+        n = min(len(got), len(data))
+        at = next((i for i in range(n) if got[i] != data[i]), n)
+        raise CheckFailed(
+            f"{len(got)} bytes for {len(data)} sent, wrong from byte {at}, "
+            f"{'' if eof else 'no '}EOF (the segment repeated bytes "
+            f"{REPEAT_BASE - REPEAT_BACK}..{REPEAT_BASE})"
+        )
+
+    def _unpaired_pair(self) -> tuple[socket.socket, socket.socket]:
+        """(client bound to the enrolled address, accepted socket on 127.0.0.1)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as lst:
+            lst.bind((PLAIN_ADDR, 0))
+            lst.listen(1)
+            lst.settimeout(READY_WITHIN_S)
+            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                client.settimeout(READY_WITHIN_S)
+                client.bind((self.addr, 0))
+                client.connect(lst.getsockname())
+                server, peer = lst.accept()
+                if peer != client.getsockname():
+                    server.close()
+                    raise CheckFailed("another process connected to the test listener")
+            except BaseException:
+                client.close()
+                raise
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, server
 
 
 def _run_variant(plane: Plane, addr: str, variant: str, inject: set[str]) -> list[SelftestCheck]:

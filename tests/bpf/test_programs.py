@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import struct
 import subprocess
@@ -302,6 +303,75 @@ def _fall_back_and_leave(lab: Lab, dp: Dataplane, fast_client: bool) -> None:
     counters = dp.counters.read()
     assert counters["backlog_fallbacks"] >= 2
     assert counters["unspliced"] >= 2, {k: v for k, v in counters.items() if v}
+
+
+STREAMS = str(BPF_TOOLS / "streams.py")
+
+
+@pytest.mark.parametrize("repeat", [100, 5000], ids=["100B", "5000B"])
+@pytest.mark.parametrize("verdict", [False, True], ids=["sk_msg-only", "skb-verdict"])
+def test_a_segment_that_repeats_received_bytes_is_delivered_once(
+    lab: Lab, verdict: bool, repeat: int
+) -> None:
+    # A retransmission may start before bytes the receiver already has; TCP queues it
+    # whole. With the SK_SKB verdict the kernel hands that whole skb on: without the
+    # program's trim the reader got `repeat` bytes twice, and after its socket left the
+    # sockhash it skipped as many (an EOF early). 5000 bytes take two
+    # bpf_skb_adjust_room() calls (at most 4095 bytes each).
+    dp = loader.install_or_reuse(lab.bpffs, lab.cgroup, skb_verdict=verdict)
+    try:
+        server, client = _repeat(lab, dp, repeat)
+        # The client's byte taints its socket, which then leaves the sockhash; the tail
+        # and the FIN come by plain TCP.
+        wait_for(lambda: dp.counters.read()["unspliced"] >= 1, what="the client's socket left")
+        _finish_repeat(server, client)
+        assert client.wait(timeout=10) == 0 and server.wait(timeout=10) == 0
+    finally:
+        dp.close()
+
+
+def test_the_verdict_trims_what_a_segment_repeats(lab: Lab) -> None:
+    # The program's own record: which socket got a repeating segment, and that it was cut.
+    dp = loader.install_or_reuse(lab.bpffs, lab.cgroup, skb_verdict=True)
+    try:
+        server, client = _repeat(lab, dp, 300)
+
+        def flags() -> int:
+            socks = list(dp.sockinfo.sockets().values())
+            return int(socks[0].flags) if len(socks) == 1 else 0
+
+        wait_for(lambda: bool(flags() & layout.SockFlag.RX_TRIMMED), what="the repeat trimmed")
+        (info,) = dp.sockinfo.sockets().values()
+        assert info.flags & layout.SockFlag.RX_SEQ
+        assert not info.flags & layout.SockFlag.RX_UNTRIMMED
+        assert info.rx_next != 0
+        _finish_repeat(server, client)
+    finally:
+        dp.close()
+
+
+def _repeat(
+    lab: Lab, dp: Dataplane, back: int
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """A socket in the sockhash that receives through TCP (an unpaired connect() socket of
+    an enrolled pod, to a plain server), and a segment that repeats `back` bytes it has."""
+    a, c = lab.add_pod(), lab.add_pod()
+    enroll(dp, a)
+    server = lab.spawn(c, [PY, STREAMS, "repeat-server", "9000", "--back", str(back)],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    wait_line(server, '{"listening"')
+    client = lab.spawn(a, [PY, STREAMS, "repeat-client", c.ip4, "9000"], stdout=subprocess.PIPE)
+    wait_line(server, '{"sent"')
+    return server, client
+
+
+def _finish_repeat(server: subprocess.Popen[bytes], client: subprocess.Popen[bytes]) -> None:
+    """The tail and the FIN; every byte the client got came once and in order."""
+    assert server.stdin is not None
+    server.stdin.write(b"tail\n")
+    server.stdin.flush()
+    result = json.loads(wait_line(client, "{", timeout=30))
+    assert result["bad_at"] == -1 and result["received"] == result["expected"], result
 
 
 # 6. ----------------------------------------------------------------------------

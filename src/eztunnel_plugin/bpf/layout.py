@@ -40,6 +40,9 @@ class SockFlag(enum.IntFlag):
     PEER_KNOWN = 1 << 1  # the peer's receive path was looked at
     NO_RESUME = 1 << 2  # ... and a fallback can never come back from it
     LAGGED = 1 << 3  # fell back once: the peer's queue stays within half its buffer
+    RX_SEQ = 1 << 4  # rx_next is set (the verdict program saw this socket's TCP bytes)
+    RX_TRIMMED = 1 << 5  # a segment repeated bytes already handed on: trimmed
+    RX_UNTRIMMED = 1 << 6  # ... and one could not be trimmed: bytes went twice
 
 
 class ConfigFlag(enum.IntFlag):
@@ -179,7 +182,7 @@ class SockInfo(ctypes.Structure):
         ("fallbacks", ctypes.c_uint32),
         ("resumes", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),  # SockFlag
-        ("reserved2", ctypes.c_uint32),
+        ("rx_next", ctypes.c_uint32),  # verdict: seq after the last TCP byte handed on
     ]
 
 

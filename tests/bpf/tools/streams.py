@@ -4,12 +4,14 @@ Every byte i of a direction is PAT[(phase + i) % len(PAT)]; readers check each b
 order and report one JSON line. Readers and writers come in the kinds the tests need:
 how a reader reads (epoll, blocking, MSG_WAITALL, SO_RCVLOWAT, select, asyncio,
 splice(2)), how fast (a byte rate, bursts with stalls), and how a writer writes
-(send, sendfile, bursts). Every loop is bounded by a deadline. Standard library only.
+(send, sendfile, bursts). Every loop is bounded by a deadline. Standard library only,
+but for repeat-server (the agent's TCP_REPAIR rebuild).
 
     streams.py server PORT [--mode M] [--rate B/s] ...      (reader, prints its result)
     streams.py client HOST PORT --total N [--sendfile] ...  (writer)
     streams.py chat-server PORT ... / chat-client HOST PORT ...  (bulk bursts + ping-pong)
     streams.py trap-server PORT / trap-client HOST PORT  (a reader asleep in tcp_recvmsg)
+    streams.py repeat-server PORT --back N / repeat-client HOST PORT  (a partial retransmission)
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
 import random
+import select
 import selectors
 import socket
 import struct
@@ -547,7 +551,11 @@ async def _both_ways(
         why.append(repr(e))
         return False
     finally:
+        # close() sends what the transport still buffers, then closes; wait for that, or the
+        # loop ends first and drops the tail (the reader then gets EOF early).
         w.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(w.wait_closed(), a.timeout)
     return bool(ok[1])
 
 
@@ -664,6 +672,72 @@ def trap_client(a: argparse.Namespace) -> int:
 # ---- command line -------------------------------------------------------------------------
 
 
+# ---- a segment that repeats bytes its receiver already has (a partial retransmission) ------
+
+REPEAT_BASE, REPEAT_MORE, REPEAT_TAIL = 60_000, 200, 5_000
+
+
+def _unacked(s: socket.socket) -> int:
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int(struct.unpack_from("I", info, 24)[0])  # tcpi_unacked
+
+
+def repeat_server(a: argparse.Namespace) -> int:
+    """Send REPEAT_BASE bytes; once acknowledged, rebuild the socket with TCP_REPAIR
+    `--back` bytes behind and send [BASE - back, BASE + MORE) as one segment (the receiver
+    already has its first `back` bytes); on a line "tail" on stdin, REPEAT_TAIL more and a
+    FIN. Prints "listening", then "sent"."""
+    from eztunnel_plugin.tcprepair import rebuild_behind
+
+    lsock = socket.create_server(("0.0.0.0", a.port))
+    emit({"listening": a.port})
+    lsock.settimeout(a.timeout)
+    conn, _ = lsock.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.sendall(expect(0, REPEAT_BASE))
+    deadline = time.monotonic() + a.timeout
+    while _unacked(conn) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    conn = rebuild_behind(conn, a.back)
+    conn.sendall(expect(REPEAT_BASE - a.back, a.back + REPEAT_MORE))
+    emit({"sent": a.back + REPEAT_MORE})
+    ready, _, _ = select.select([sys.stdin], [], [], a.timeout)
+    if ready and sys.stdin.readline().strip() == "tail":
+        conn.sendall(expect(REPEAT_BASE + REPEAT_MORE, REPEAT_TAIL))
+    conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(a.timeout)
+    while conn.recv(1 << 16):  # until the client closes
+        pass
+    return 0
+
+
+def repeat_client(a: argparse.Namespace) -> int:
+    """Read and check every byte; after BASE + MORE send one byte (unpaired, the socket then
+    goes to TCP for good and leaves the sockhash); report what came."""
+    total = REPEAT_BASE + REPEAT_MORE + REPEAT_TAIL
+    s = socket.create_connection((a.host, a.port), timeout=a.timeout)
+    got, sent_byte = bytearray(), False
+    deadline = time.monotonic() + a.timeout
+    while time.monotonic() < deadline and len(got) <= total:
+        try:
+            chunk = s.recv(1 << 16)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        got += chunk
+        if not sent_byte and len(got) >= REPEAT_BASE + REPEAT_MORE:
+            s.sendall(b"x")
+            sent_byte = True
+    bad = first_bad(bytes(got[:total]), 0)
+    out: Json = {"received": len(got), "expected": total, "bad_at": bad}
+    if bad >= 0:
+        out["bad"] = whence(bytes(got), bad, 0)
+    emit(out)
+    s.close()
+    return 0
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="streams.py")
     sub = ap.add_subparsers(dest="role", required=True)
@@ -730,6 +804,14 @@ def main(argv: list[str]) -> int:
             c.add_argument("host")
         c.add_argument("port", type=int)
         c.add_argument("--timeout", type=float, default=30.0)
+    for name in ("repeat-server", "repeat-client"):
+        c = sub.add_parser(name)
+        if name == "repeat-client":
+            c.add_argument("host")
+        c.add_argument("port", type=int)
+        if name == "repeat-server":
+            c.add_argument("--back", type=int, default=100, help="bytes the segment repeats")
+        c.add_argument("--timeout", type=float, default=20.0)
     a = ap.parse_args(argv)
     roles = {
         "server": server,
@@ -742,6 +824,8 @@ def main(argv: list[str]) -> int:
         "mesh-client": mesh_client,
         "trap-server": trap_server,
         "trap-client": trap_client,
+        "repeat-server": repeat_server,
+        "repeat-client": repeat_client,
     }
     return roles[a.role](a)
 
