@@ -416,12 +416,17 @@ static __always_inline bool verdict_rx(struct sk_psock *psock)
 	       BPF_CORE_READ(psock, progs.skb_verdict);
 }
 
-/* Can a direction into this psock's socket come back from a TCP phase at all? Not with
- * a verdict program: there, resume corrupted a pooled HBONE tunnel's TLS stream in the
- * lab (docs/dataplane.md, "Where it is off"), so such a fallback stays for good. */
+/* Present where a reader of the redirect queue advances copied_seq by the TCP bytes it
+ * reads only, not by redirected ones (the kernel's "incorrect copied_seq" fix). */
+extern const void __sk_msg_recvmsg __ksym __weak;
+
+/* Can a direction into this psock's socket come back from a TCP phase at all? With a
+ * verdict program, TCP bytes reach the reader through the redirect queue too, and D's
+ * copied_seq counts what the reader took of them only where __sk_msg_recvmsg exists:
+ * elsewhere such a fallback stays for good (docs/dataplane.md, "Where it is off"). */
 static __always_inline bool resumable_rx(struct sk_psock *psock)
 {
-	return !verdict_rx(psock);
+	return !verdict_rx(psock) || &__sk_msg_recvmsg != 0;
 }
 
 /* Orders of loads that the checks below rely on hold on x86 (total store order);
@@ -791,7 +796,7 @@ static __always_inline __u32 redirect_room(struct ez_sock_info *info, __u32 limi
  * D is read before Q; x86's total store order keeps that order, which BPF cannot ask
  * for elsewhere, so other architectures keep the fallback for good.
  *
- * Not into a P with a verdict program (the SK_SKB workaround): see resumable_rx().
+ * Into a P with a verdict program (the SK_SKB workaround) only as resumable_rx() says.
  */
 /* Resolved from kallsyms by libbpf; 0 when the kernel hides addresses (then any wait
  * queue entry that names a task or poll table counts as a sleeping reader). */
@@ -881,6 +886,13 @@ static __always_inline int may_resume(struct bpf_sock *sk, struct ez_sock_info *
 		return EZ_R_NEVER;
 	if (!resumable_rx(psock))
 		return EZ_R_NEVER;
+	/* With a verdict program both kinds of bytes share the redirect queue, so B cannot
+	 * tell a bypass; D there also waits for that queue and the verdict's backlog to empty. */
+	if (verdict_rx(psock) &&
+	    (BPF_CORE_READ(psock, msg_tot_len) || BPF_CORE_READ(psock, ingress_skb.qlen))) {
+		count(EZ_CNT_RESUME_WAIT_DRAIN, 1);
+		return EZ_R_WAIT;
+	}
 	/* B */
 	if (BPF_CORE_READ(psock, msg_tot_len))
 		return EZ_R_BYPASS;
