@@ -654,16 +654,23 @@ def test_a_direction_into_a_socket_with_the_verdict_resumes_intact(lab: Lab) -> 
     # it). Every byte intact, and the direction came back from TCP.
     plane = loader.install_or_reuse(lab.bpffs, lab.cgroup, skb_verdict=True)
     try:
-        total = 16 * MB
-        a, b = pods(lab, plane, 256 * KB)
-        server = ["--expect", str(total), *FALLBACK_SERVER]
-        client = ["--total", str(total), *FALLBACK_CLIENT]
-        got, _, _, delta = stream(lab, plane, a, b, server, client)
-        assert got["ok"], got
+        _, delta = _fallback_stream(lab, plane)
         assert delta["backlog_fallbacks"] >= 1 and delta["resumes"] >= 1, delta
         assert delta["tainted"] == 0, delta
     finally:
         plane.close()
+
+
+def _fallback_stream(lab: Lab, plane: Dataplane) -> tuple[Seen, dict[str, int]]:
+    """16 MiB through a 256 KiB limit to a reader that lags: intact; what the watcher saw
+    and the counters' change."""
+    total = 16 * MB
+    a, b = pods(lab, plane, 256 * KB)
+    server = ["--expect", str(total), *FALLBACK_SERVER]
+    client = ["--total", str(total), *FALLBACK_CLIENT]
+    got, _, seen, delta = stream(lab, plane, a, b, server, client)
+    assert got["ok"], got
+    return seen, delta
 
 
 @pytest.mark.parametrize("why", ["arm64-build", "config-flag"])
@@ -679,12 +686,7 @@ def test_without_resume_a_fallback_is_for_good(lab: Lab, tmp_path: Path, why: st
             cfg = plane.config.read()
             cfg.flags = layout.ConfigFlag.NO_RESUME
             syscalls.map_update(plane.maps["ez_config"], bytes(4), bytes(cfg))
-        total = 16 * MB
-        a, b = pods(lab, plane, 256 * KB)
-        server = ["--expect", str(total), *FALLBACK_SERVER]
-        client = ["--total", str(total), *FALLBACK_CLIENT]
-        got, _, seen, delta = stream(lab, plane, a, b, server, client)
-        assert got["ok"], got
+        seen, delta = _fallback_stream(lab, plane)
         assert delta["backlog_fallbacks"] == 1 and delta["resumes"] == 0, delta
         assert delta["resume_wait_drain"] == delta["resume_wait_quiet"] == 0, delta
         # Both directions went to TCP for good, and both sockets left the sockhash.
