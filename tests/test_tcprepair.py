@@ -40,23 +40,13 @@ def _read(s: socket.socket, n: int) -> bytes:
     return got
 
 
-def _settled(s: socket.socket) -> None:
-    """Wait (bounded) until every byte s sent is acknowledged."""
-    for _ in range(500):
-        info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-        if int.from_bytes(info[24:28], "little") == 0:  # tcpi_unacked
-            return
-        os.sched_yield()
-    pytest.fail("bytes not acknowledged")
-
-
 def test_the_repeat_reaches_the_peer_and_plain_tcp_skips_it(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     client, server = pair
     client.sendall(DATA[:1000])
     assert _read(server, 1000) == DATA[:1000]
-    _settled(client)
+    assert tcprepair.wait_acked(client, 5.0)
     new = tcprepair.rebuild_behind(client, 100)
     try:
         assert new.getpeername() == server.getsockname()

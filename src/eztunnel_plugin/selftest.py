@@ -389,12 +389,6 @@ def _private_netns() -> bool:
     return True
 
 
-def _unacked(s: socket.socket) -> int:
-    return int(
-        struct.unpack_from("I", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 24)[0]
-    )
-
-
 def _cookie(s: socket.socket) -> int:
     return int(struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0])
 
@@ -474,10 +468,13 @@ class Checks:
 
     # ---- helpers ----------------------------------------------------------------------
 
-    def pair(self, bufsize: int = 0) -> tuple[socket.socket, socket.socket]:
-        """(client, accepted server socket), blocking with a timeout, buffers set if asked."""
+    def pair(
+        self, bufsize: int = 0, listen_on: str | None = None
+    ) -> tuple[socket.socket, socket.socket]:
+        """(client, accepted server socket), blocking with a timeout, buffers set if asked;
+        the client on the enrolled address, the listener there too unless `listen_on`."""
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as lst:
-            lst.bind((self.addr, 0))
+            lst.bind((listen_on or self.addr, 0))
             client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 for s in (lst, client) if bufsize else ():
@@ -766,16 +763,14 @@ class Checks:
         connect() socket of the enrolled address whose peer is on a plain one: registered,
         in the sockhash, never paired, so its bytes come through TCP."""
         data = os.urandom(REPEAT_BASE + REPEAT_MORE)
-        client, server = self._unpaired_pair()
+        client, server = self.pair(listen_on=PLAIN_ADDR)
         with client, contextlib.ExitStack() as stack:
             stack.callback(server.close)  # the socket rebuild_behind did not replace, if so
             if self.plane.sock_state(_cookie(client)) is None:
                 raise CheckFailed("the receiving socket was not registered")
+            server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             server.sendall(data[:REPEAT_BASE])
-            deadline = time.monotonic() + READY_WITHIN_S
-            while _unacked(server) and time.monotonic() < deadline:
-                time.sleep(0.005)
-            if _unacked(server):
+            if not tcprepair.wait_acked(server, READY_WITHIN_S):
                 raise CheckFailed(f"{REPEAT_BASE} bytes not acknowledged in {READY_WITHIN_S:g} s")
             behind = tcprepair.rebuild_behind(server, REPEAT_BACK)
             stack.enter_context(behind)
@@ -791,27 +786,6 @@ class Checks:
             f"{'' if eof else 'no '}EOF (the segment repeated bytes "
             f"{REPEAT_BASE - REPEAT_BACK}..{REPEAT_BASE})"
         )
-
-    def _unpaired_pair(self) -> tuple[socket.socket, socket.socket]:
-        """(client bound to the enrolled address, accepted socket on 127.0.0.1)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as lst:
-            lst.bind((PLAIN_ADDR, 0))
-            lst.listen(1)
-            lst.settimeout(READY_WITHIN_S)
-            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                client.settimeout(READY_WITHIN_S)
-                client.bind((self.addr, 0))
-                client.connect(lst.getsockname())
-                server, peer = lst.accept()
-                if peer != client.getsockname():
-                    server.close()
-                    raise CheckFailed("another process connected to the test listener")
-            except BaseException:
-                client.close()
-                raise
-        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return client, server
 
 
 def _run_variant(plane: Plane, addr: str, variant: str, inject: set[str]) -> list[SelftestCheck]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from typing import Final
 
 TCP: Final = socket.IPPROTO_TCP
@@ -30,6 +31,19 @@ TCPI_OPT_SACK: Final = 2
 TCPI_OPT_WSCALE: Final = 4
 
 
+def wait_acked(s: socket.socket, timeout: float) -> bool:
+    """Whether every byte s sent is acknowledged within `timeout` s (rebuild_behind needs
+    that: else the peer would see a gap, not a repeat)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = s.getsockopt(TCP, socket.TCP_INFO, 104)
+        if struct.unpack_from("I", info, 24)[0] == 0:  # tcpi_unacked
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+
+
 def _queue_seq(s: socket.socket, queue: int) -> int:
     s.setsockopt(TCP, TCP_REPAIR_QUEUE, queue)
     return int(struct.unpack("I", s.getsockopt(TCP, TCP_QUEUE_SEQ, 4))[0])
@@ -42,7 +56,7 @@ def _u32(n: int) -> bytes:
 def rebuild_behind(old: socket.socket, behind: int) -> socket.socket:
     """The same established connection in a new socket, whose send sequence is `behind`
     bytes back: its next write repeats the last `behind` bytes the peer got. Every byte
-    `old` sent must be acknowledged (else the peer would see a gap, not a repeat)."""
+    `old` sent must be acknowledged (wait_acked)."""
     info = old.getsockopt(TCP, socket.TCP_INFO, 104)
     options, wscales = info[5], info[6]
     mss = struct.unpack_from("I", info, 16)[0]  # tcpi_snd_mss

@@ -669,17 +669,9 @@ def trap_client(a: argparse.Namespace) -> int:
     return 0
 
 
-# ---- command line -------------------------------------------------------------------------
-
-
 # ---- a segment that repeats bytes its receiver already has (a partial retransmission) ------
 
 REPEAT_BASE, REPEAT_MORE, REPEAT_TAIL = 60_000, 200, 5_000
-
-
-def _unacked(s: socket.socket) -> int:
-    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    return int(struct.unpack_from("I", info, 24)[0])  # tcpi_unacked
 
 
 def repeat_server(a: argparse.Namespace) -> int:
@@ -687,7 +679,7 @@ def repeat_server(a: argparse.Namespace) -> int:
     `--back` bytes behind and send [BASE - back, BASE + MORE) as one segment (the receiver
     already has its first `back` bytes); on a line "tail" on stdin, REPEAT_TAIL more and a
     FIN. Prints "listening", then "sent"."""
-    from eztunnel_plugin.tcprepair import rebuild_behind
+    from eztunnel_plugin.tcprepair import rebuild_behind, wait_acked
 
     lsock = socket.create_server(("0.0.0.0", a.port))
     emit({"listening": a.port})
@@ -695,9 +687,8 @@ def repeat_server(a: argparse.Namespace) -> int:
     conn, _ = lsock.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     conn.sendall(expect(0, REPEAT_BASE))
-    deadline = time.monotonic() + a.timeout
-    while _unacked(conn) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    if not wait_acked(conn, a.timeout):
+        raise SystemExit(f"{REPEAT_BASE} bytes not acknowledged in {a.timeout:g} s")
     conn = rebuild_behind(conn, a.back)
     conn.sendall(expect(REPEAT_BASE - a.back, a.back + REPEAT_MORE))
     emit({"sent": a.back + REPEAT_MORE})
@@ -736,6 +727,9 @@ def repeat_client(a: argparse.Namespace) -> int:
     emit(out)
     s.close()
     return 0
+
+
+# ---- command line -------------------------------------------------------------------------
 
 
 def main(argv: list[str]) -> int:
