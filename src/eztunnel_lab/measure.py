@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import time
 from collections import Counter
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from eztunnel_lab import counters, traffic
+from eztunnel_lab import counters, netlab, traffic
 from eztunnel_lab.netlab import Lab, Pod
 from eztunnel_lab.sim import AmbientNode, SimError, check_path, set_affinity
 from eztunnel_plugin import selftest
@@ -91,6 +92,26 @@ def sockperf(
     return {"p50": pcts[50.0], "p99": pcts[99.0]}
 
 
+@dataclass(frozen=True)
+class Busy:
+    """Where the CPU went during one run, in % of one CPU: per part of the node, and the
+    busiest thread (a thread near 100% bounds a flow, however idle the other CPU is)."""
+
+    parts: dict[str, float]
+    busiest: tuple[str, float]  # (part/thread name, %)
+
+    def text(self) -> str:
+        parts = ", ".join(f"{k} {v:.0f}%" for k, v in self.parts.items())
+        return f"{parts}; busiest thread {self.busiest[0]} {self.busiest[1]:.0f}%"
+
+    @staticmethod
+    def median(runs: Sequence[Busy]) -> Busy:
+        """Per part and for the busiest thread, the median over runs."""
+        parts = {k: statistics.median(r.parts[k] for r in runs) for k in runs[0].parts}
+        name = Counter(r.busiest[0] for r in runs).most_common(1)[0][0]
+        return Busy(parts, (name, statistics.median(r.busiest[1] for r in runs)))
+
+
 @dataclass
 class Side:
     name: str  # "baseline" or "plugin"
@@ -98,6 +119,7 @@ class Side:
     connections: int = 0  # application connections measured (each crossed every hop)
     tunnels: int = 0  # pod-to-pod TLS connections they opened (HBONE pools: far fewer)
     splices: Counter[str] = field(default_factory=Counter)  # pairs per rule, np_* reasons
+    busy: dict[str, list[Busy]] = field(default_factory=dict)  # per row, one per round
 
     @property
     def client(self) -> str:
@@ -275,6 +297,41 @@ def paced_cpu(node: AmbientNode, seconds: int) -> tuple[float, Bulk]:
     cpu0 = node.cpu_usage_s()
     bulk = iperf3(node, seconds, 1, CPU_RATE)
     return node.cpu_usage_s() - cpu0, bulk
+
+
+def _threads_ns(groups: dict[str, Path]) -> dict[tuple[str, int], tuple[str, int]]:
+    """(part, tid) -> (thread name, ns on CPU so far) for every live thread of every part."""
+    out: dict[tuple[str, int], tuple[str, int]] = {}
+    for part, cg in groups.items():
+        procs = cg / "cgroup.procs"
+        for pid in procs.read_text().split() if procs.exists() else ():
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    ns = int((task / "schedstat").read_text().split()[0])
+                    comm = (task / "comm").read_text().strip()
+                except (OSError, ValueError, IndexError):
+                    continue  # the thread ended meanwhile
+                out[(part, int(task.name))] = (comm, ns)
+    return out
+
+
+def busy(node: AmbientNode, run: Callable[[], T]) -> tuple[T, Busy]:
+    """Run `run` and measure the node's CPU meanwhile: per part from its cgroup (processes
+    that ended count), the busiest thread among those alive at the end (schedstat).
+    Softirq work counts for the task it interrupted; ksoftirqd is outside the node."""
+    groups = node.parts()
+    t0, c0, start = _threads_ns(groups), _cgroups_us(groups), time.monotonic()
+    result = run()
+    t1, c1, wall = _threads_ns(groups), _cgroups_us(groups), time.monotonic() - start
+    parts = {part: 100 * (c1[part] - c0[part]) / 1e6 / wall for part in groups}
+    used = {key: ns - t0.get(key, (name, 0))[1] for key, (name, ns) in t1.items()}
+    top = max(used, key=lambda k: used[k], default=None)
+    busiest = (f"{top[0]}/{t1[top][0]}", 100 * used[top] / 1e9 / wall) if top else ("-", 0.0)
+    return result, Busy(parts, busiest)
+
+
+def _cgroups_us(groups: dict[str, Path]) -> dict[str, int]:
+    return {part: netlab.cgroup_cpu_us(cg) for part, cg in groups.items()}
 
 
 def agent_skb_verdict() -> bool:

@@ -227,6 +227,18 @@ class Lab(Managed):
             rmdir_cgroup(self.cgroup)
 
 
+def cgroup_cpu_us(cgroup: Path) -> int:
+    """usage_usec of the cgroup, its exited processes included (0 when it does not exist)."""
+    stat = cgroup / "cpu.stat"
+    if not stat.exists():
+        return 0
+    for line in stat.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "usage_usec":
+            return int(value)
+    return 0
+
+
 def rmdir_cgroup(path: Path) -> None:
     """Remove an empty cgroup, waiting (bounded) for exiting tasks to leave it."""
     # rmdir fails while exiting tasks linger for a moment

@@ -466,18 +466,16 @@ class AmbientNode(Managed):
         names = (self.standin, "istiod", "agent")
         return "\n".join(f"--- {n}.log\n{self.log_tail(n)}" for n in names)
 
+    def parts(self) -> dict[str, Path]:
+        """The cgroup of each part of the node: the client's and the server's apps, the
+        stand-in, the agent."""
+        out = {"client": self.pods[0].cgroup, "server": self.pods[1].cgroup}
+        return out | {"ztunnel": self.ztunnel_cgroup, "agent": self.agent_cgroup}
+
     def cpu_usage_s(self) -> float:
         """CPU seconds used so far by the node: the pods' apps, the stand-in, the agent."""
-        total = 0
         groups = [p.cgroup for p in self.pods] + [self.ztunnel_cgroup, self.agent_cgroup]
-        for cg in groups:
-            stat = cg / "cpu.stat"
-            if stat.exists():
-                for line in stat.read_text().splitlines():
-                    key, _, value = line.partition(" ")
-                    if key == "usage_usec":
-                        total += int(value)
-        return total / 1e6
+        return sum(netlab.cgroup_cpu_us(cg) for cg in groups) / 1e6
 
     def node_pids(self) -> list[int]:
         """Every process of the node (apps, stand-in, agent), for CPU pinning."""

@@ -48,18 +48,6 @@ _RUN_TIME_OFF, _RUN_CNT_OFF = 192, 200
 # ---- cost probes (also used by bench/ambient.py) -------------------------------------------
 
 
-def cgroup_cpu_us(cgroup: Path) -> int:
-    """usage_usec of the cgroup (0 when it does not exist)."""
-    stat = cgroup / "cpu.stat"
-    if not stat.exists():
-        return 0
-    for line in stat.read_text().splitlines():
-        key, _, value = line.partition(" ")
-        if key == "usage_usec":
-            return int(value)
-    return 0
-
-
 @contextlib.contextmanager
 def bpf_stats() -> Iterator[None]:
     """BPF_ENABLE_STATS(BPF_STATS_RUN_TIME) for the block: the kernel times every program
@@ -185,9 +173,9 @@ def _measure(
 ) -> Churn:
     for pod in lab.pods:
         flush_time_wait(lab, pod.name)
-    c0, cpu0 = dp.counters.read(), cgroup_cpu_us(cgroup)
+    c0, cpu0 = dp.counters.read(), netlab.cgroup_cpu_us(cgroup)
     result = run_churn(lab, client, cgroup, host, port, seconds)
-    cpu = cgroup_cpu_us(cgroup) - cpu0
+    cpu = netlab.cgroup_cpu_us(cgroup) - cpu0
     conns = int(result["conns"])
     moved = counters.delta(c0, dp.counters.read())
     per_conn = cpu / conns if conns else 0.0

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eztunnel_lab import counters, traffic
+from eztunnel_lab import counters, netlab, traffic
 from eztunnel_lab.bench import churn as churn_mod
 from eztunnel_lab.measure import CONNS_PORT, Side, fct, iperf3, settle
 from eztunnel_lab.netlab import Lab
@@ -145,9 +145,7 @@ class Churn:
 
 
 def _cpu_parts(node: AmbientNode) -> dict[str, int]:
-    parts = {"client": node.pods[0].cgroup, "server": node.pods[1].cgroup}
-    parts |= {"ztunnel": node.ztunnel_cgroup, "agent": node.agent_cgroup}
-    return {k: churn_mod.cgroup_cpu_us(v) for k, v in parts.items()}
+    return {k: netlab.cgroup_cpu_us(v) for k, v in node.parts().items()}
 
 
 @contextlib.contextmanager
