@@ -59,7 +59,6 @@ class AgentProc:
         self.argv = [
             *CLI,
             "run",
-            "--allow-workaround",  # the data plane on this kernel too (README, the known risk)
             "--bpffs",
             str(lab.bpffs),
             "--cgroup",

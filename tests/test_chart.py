@@ -1147,9 +1147,9 @@ def test_rendered_agent_command_parses_with_the_real_cli() -> None:
     assert args.health_listen == "10.0.0.1:16021"
 
 
-def test_splice_with_workaround_is_off_by_default_and_can_be_allowed() -> None:
+def test_splice_with_workaround_is_on_by_default_and_can_be_refused() -> None:
     parser = cli.build_parser()
-    for flags, allowed in (((), False), (("--set", "spliceWithWorkaround=true"), True)):
+    for flags, allowed in (((), True), (("--set", "spliceWithWorkaround=false"), False)):
         c = container(agent_ds(render(*flags)), "eztunnel")
         argv = [a.replace("$(INSTANCE_IP)", "10.0.0.1") for a in c["command"][1:] + c["args"]]
         assert parser.parse_args(argv).allow_workaround is allowed, flags

@@ -83,9 +83,20 @@ def test_numeric_flags_in_range() -> None:
 
 
 # --- the cgroup ------------------------------------------------------------------
-def test_the_workaround_is_refused_unless_allowed() -> None:
-    assert parse(*XDS, "--xds-plaintext").allow_workaround is False
+def test_the_workaround_is_allowed_unless_refused() -> None:
+    assert parse(*XDS, "--xds-plaintext").allow_workaround is True
+    assert parse(*XDS, "--xds-plaintext", "--refuse-workaround").allow_workaround is False
+    # The flag of the releases that refused by default still parses, and means the default.
     assert parse(*XDS, "--xds-plaintext", "--allow-workaround").allow_workaround is True
+
+
+def test_refusing_and_allowing_the_workaround_at_once_is_an_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse(*XDS, "--xds-plaintext", "--refuse-workaround", "--allow-workaround")
+    assert e.value.code == 2
+    assert "not allowed with argument --refuse-workaround" in capsys.readouterr().err
 
 
 def test_cgroup_must_be_cgroup2(tmp_path: Path) -> None:

@@ -93,10 +93,10 @@ def test_listed_kernel_takes_the_workaround_even_when_plain_passes() -> None:
     assert got[0] == ATTACH_WORKAROUND and "known to lose epoll wakeups" in got[1]
 
 
-def test_without_allow_workaround_where_only_the_workaround_works_nothing_splices() -> None:
+def test_with_refuse_workaround_where_only_the_workaround_works_nothing_splices() -> None:
     both = {PLAIN: results(PLAIN), VERDICT: results(VERDICT)}
     got = decide("6.12.80", both, allow_workaround=False)
-    assert got[0] == NO_SPLICE and "--allow-workaround" in got[1], got
+    assert got[0] == NO_SPLICE and "--refuse-workaround" in got[1], got
     # Where plain TCP's checks pass on an unlisted kernel, nothing needs the workaround.
     assert decide(UNLISTED, {PLAIN: results(PLAIN)}, allow_workaround=False)[0] == ATTACH
 
@@ -575,13 +575,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 @kernel
 def test_the_selftest_command_prints_a_table_or_json_and_exits_0_here() -> None:
     require_root()
-    table = _cli("--allow-workaround")
+    table = _cli()
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["CHECK", "WITHOUT", "WORKAROUND", "WITH", "SK_SKB", "WORKAROUND"]
     assert [ln.split()[0] for ln in lines[2 : 2 + len(CHECKS)]] == list(CHECKS)
     assert any(ln.startswith("decision:  attach") for ln in lines)
-    doc = json.loads(_cli("--allow-workaround", "--json").stdout)
+    doc = json.loads(_cli("--json").stdout)
     assert doc["decision"] in (ATTACH, ATTACH_WORKAROUND) and doc["kernel"] == os.uname().release
     assert {c["name"].split("/")[0] for c in doc["checks"]} == set(CHECKS)
 
@@ -599,14 +599,18 @@ def test_the_selftest_command_exits_1_when_this_object_may_not_splice(tmp_path: 
 @kernel
 def test_the_selftest_command_decides_as_the_agent_would_with_or_without_the_workaround() -> None:
     require_root()
-    allowed = json.loads(_cli("--allow-workaround", "--json").stdout)
-    default = _cli("--json")
-    doc = json.loads(default.stdout)
-    if allowed["decision"] == ATTACH_WORKAROUND:  # this kernel needs it: by default, no splice
-        assert default.returncode == 1 and doc["decision"] == NO_SPLICE
-        assert "--allow-workaround" in doc["reason"]
-    else:  # nothing needs allowing
-        assert default.returncode == 0 and doc["decision"] == allowed["decision"]
+    default = json.loads(_cli("--json").stdout)
+    # The flag of the releases that refused by default means the default.
+    assert (
+        json.loads(_cli("--allow-workaround", "--json").stdout)["decision"] == default["decision"]
+    )
+    refused = _cli("--refuse-workaround", "--json")
+    doc = json.loads(refused.stdout)
+    if default["decision"] == ATTACH_WORKAROUND:  # this kernel needs it: refused, no splice
+        assert refused.returncode == 1 and doc["decision"] == NO_SPLICE
+        assert "--refuse-workaround" in doc["reason"]
+    else:  # nothing needs refusing
+        assert refused.returncode == 0 and doc["decision"] == default["decision"]
 
 
 def test_the_selftest_command_refuses_a_missing_object_in_one_line(tmp_path: Path) -> None:

@@ -292,9 +292,6 @@ class AmbientNode(Managed):
                 "-m",
                 "eztunnel_plugin",
                 "run",
-                # The lab measures and tests the data plane on this kernel too, which needs
-                # the SK_SKB workaround (README, "A known risk of the workaround").
-                "--allow-workaround",
                 "--bpffs",
                 str(self.lab.bpffs),
                 "--cgroup",

@@ -133,11 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--object", type=Path, default=None, help="BPF object to test (default: the packaged one)"
     )
-    st.add_argument(
-        "--allow-workaround",
-        action="store_true",
-        help="decide as an agent run with --allow-workaround would",
-    )
+    config.add_workaround_arguments(st, "decide as an agent run with --refuse-workaround would")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_selftest)
 

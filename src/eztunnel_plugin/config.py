@@ -98,7 +98,23 @@ class AgentConfig:
     backlog_limit: int
     admin_socket: Path = admin.DEFAULT_SOCKET
     health_listen: Listen | None = None  # readiness and liveness over HTTP (api/health.py)
-    allow_workaround: bool = False  # splice where only the SK_SKB workaround makes it work
+    allow_workaround: bool = True  # splice where only the SK_SKB workaround makes it work
+
+
+def add_workaround_arguments(p: argparse.ArgumentParser, refuse_help: str) -> None:
+    """--refuse-workaround, and --allow-workaround: the default since the verdict program
+    cuts repeated bytes, still accepted so that command lines written before keep working."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--refuse-workaround", dest="allow_workaround", action="store_false", help=refuse_help
+    )
+    group.add_argument(
+        "--allow-workaround",
+        dest="allow_workaround",
+        action="store_true",
+        help="splice also where the kernel needs the SK_SKB workaround (the default)",
+    )
+    p.set_defaults(allow_workaround=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -180,11 +196,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="unread bytes a spliced peer may hold before its sender falls back to TCP "
         "(default %(default)s)",
     )
-    p.add_argument(
-        "--allow-workaround",
-        action="store_true",
-        help="splice also where the kernel needs the SK_SKB workaround, at the risk the "
-        "README's kernel section describes (default: pods stay on plain TCP there)",
+    add_workaround_arguments(
+        p,
+        "attach nothing on kernels that need the SK_SKB workaround: pods stay on plain TCP "
+        "there (default: splice with it once the self-test passed; README, kernel section)",
     )
     p.add_argument(
         "--log-format",

@@ -138,8 +138,8 @@ def decide(
     allow_workaround: bool = True,
 ) -> tuple[str, str]:
     """(decision, reason) from the checks of each variant run (PLAIN, VERDICT).
-    allow_workaround=False (the agent's default, without --allow-workaround) turns
-    ATTACH_WORKAROUND into NO_SPLICE."""
+    allow_workaround=False (the agent's --refuse-workaround) turns ATTACH_WORKAROUND into
+    NO_SPLICE."""
     if error:
         return NO_SPLICE, f"the self-test could not run: {error}"
     listed = lost_wakeup_listed(release)
@@ -154,8 +154,7 @@ def decide(
     if _passed(verdict):
         if not allow_workaround:
             return NO_SPLICE, (
-                f"{why}; every check passed with it, but it is not allowed "
-                '(--allow-workaround; README, "The workaround corrupted data")'
+                f"{why}; every check passed with it, but --refuse-workaround refuses it"
             )
         return ATTACH_WORKAROUND, f"{why}; every check passed with it"
     if verdict is None:

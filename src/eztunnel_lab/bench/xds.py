@@ -244,7 +244,7 @@ async def _run_agent_rss(
     api, metrics, health = (_free_loopback_port() for _ in range(3))
     # The chart's defaults: the metrics and health listeners are on.
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "eztunnel_plugin", "run", "--allow-workaround",
+        sys.executable, "-m", "eztunnel_plugin", "run",
         "--xds-address", xds, "--xds-plaintext",
         "--node-name", NODE, "--cgroup", str(cgroup), "--bpffs", str(bpffs),
         "--grpc-listen", api, "--metrics-listen", metrics, "--health-listen", health,
