@@ -26,6 +26,12 @@ COMMANDS: tuple[tuple[str, str, str, str], ...] = (
         "main",
     ),
     ("bench", "benchmarks: plain vs spliced, side by side", "eztunnel_lab.bench.cli", "run"),
+    (
+        "soak",
+        "byte-checked traffic through the data plane until a deadline",
+        "eztunnel_lab.soak",
+        "main",
+    ),
 )
 
 

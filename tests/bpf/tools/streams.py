@@ -1,11 +1,12 @@
 """Byte-for-byte stream traffic for the resumable-splice tests, one connection at a time.
 
-Every byte i of a direction is PAT[(phase + i) % len(PAT)]; readers check each byte in
-order and report one JSON line. Readers and writers come in the kinds the tests need:
+Every byte i of a direction is the lab's pattern byte at phase + i (eztunnel_lab.traffic.mesh,
+which also holds the many-connection mesh); readers check each byte in order and report
+one JSON line. Readers and writers come in the kinds the tests need:
 how a reader reads (epoll, blocking, MSG_WAITALL, SO_RCVLOWAT, select, asyncio,
 splice(2)), how fast (a byte rate, bursts with stalls), and how a writer writes
-(send, sendfile, bursts). Every loop is bounded by a deadline. Standard library only,
-but for repeat-server (the agent's TCP_REPAIR rebuild).
+(send, sendfile, bursts). Every loop is bounded by a deadline. Standard library and the
+lab's pattern, but for repeat-server (the agent's TCP_REPAIR rebuild).
 
     streams.py server PORT [--mode M] [--rate B/s] ...      (reader, prints its result)
     streams.py client HOST PORT --total N [--sendfile] ...  (writer)
@@ -19,11 +20,9 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
-import contextlib
 import fcntl
 import json
 import os
-import random
 import select
 import selectors
 import socket
@@ -34,37 +33,10 @@ import termios
 import time
 from typing import Any
 
-P = 7_999_993  # pattern period: a prime, so no write size aligns with it
-PAT = random.Random(11).randbytes(P)
-PAT2 = PAT + PAT[: 8 << 20]
-SERVER_PHASE = 3_000_001  # the server -> client direction's offset in the pattern
+from eztunnel_lab.traffic import mesh
+from eztunnel_lab.traffic.mesh import SERVER_PHASE, expect, first_bad, whence
 
 Json = dict[str, Any]
-
-
-def expect(off: int, n: int) -> bytes:
-    """The n pattern bytes at stream offset off (n <= 8 MiB)."""
-    o = off % P
-    return PAT2[o : o + n]
-
-
-def first_bad(got: bytes | memoryview, off: int) -> int:
-    """Stream offset of the first byte of `got` (at offset off) that is wrong, or -1."""
-    if PAT2.startswith(got, off % P):  # a memcmp in place: no copy of either side
-        return -1
-    want = expect(off, len(got))
-    return off + next(i for i in range(len(got)) if got[i] != want[i])
-
-
-def whence(got: bytes, at: int, off: int) -> str:
-    """What the wrong bytes at index `at` of `got` (stream offset `off` + at) are: the
-    pattern from another offset (moved by how much), or bytes not in the pattern."""
-    window = bytes(got[at : at + 32])
-    o = PAT2.find(window) if len(window) == 32 else -1
-    if o < 0:
-        return "bytes that are not in the pattern"
-    want = (off + at) % P
-    return f"the pattern {(o - want + P // 2) % P - P // 2:+d} bytes away"
 
 
 def fionread(s: socket.socket) -> int:
@@ -499,106 +471,6 @@ def rr_client(a: argparse.Namespace) -> int:
     return 0
 
 
-# ---- many connections, both directions, bursty writers (asyncio) ----------------------------
-
-
-async def _burst_writer(w: asyncio.StreamWriter, phase: int, a: argparse.Namespace) -> None:
-    off = 0
-    while off < a.size:
-        n = min(a.burst, a.size - off)
-        w.write(expect(phase + off, n))
-        off += n
-        await w.drain()
-        await asyncio.sleep(a.pause_ms / 1000)
-    w.write_eof()
-
-
-async def _checked_reader(
-    r: asyncio.StreamReader, phase: int, a: argparse.Namespace, why: list[str]
-) -> bool:
-    got = 0
-    while got < a.size:
-        chunk = await r.read(64 * 1024)
-        if not chunk:
-            why.append(f"EOF after {got} of {a.size} bytes")
-            return False
-        bad = first_bad(chunk, phase + got)
-        if bad >= 0:
-            there = whence(chunk, bad - phase - got, phase + got)
-            at = f"stream offset {bad - phase} (read of {len(chunk)} at {got})"
-            why.append(f"wrong byte at {at}: {there}")
-            return False
-        got += len(chunk)
-    if await r.read(1) != b"":  # EOF exactly at the end
-        why.append("bytes after the end")
-        return False
-    return True
-
-
-async def _both_ways(
-    r: asyncio.StreamReader,
-    w: asyncio.StreamWriter,
-    out: int,
-    inp: int,
-    a: argparse.Namespace,
-    why: list[str],
-) -> bool:
-    try:
-        ok = await asyncio.wait_for(
-            asyncio.gather(_burst_writer(w, out, a), _checked_reader(r, inp, a, why)), a.timeout
-        )
-    except (OSError, TimeoutError, EOFError) as e:
-        why.append(repr(e))
-        return False
-    finally:
-        # close() sends what the transport still buffers, then closes; wait for that, or the
-        # loop ends first and drops the tail (the reader then gets EOF early).
-        w.close()
-        with contextlib.suppress(OSError, TimeoutError):
-            await asyncio.wait_for(w.wait_closed(), a.timeout)
-    return bool(ok[1])
-
-
-def mesh_server(a: argparse.Namespace) -> int:
-    async def run() -> None:
-        done: list[bool] = []
-        why: list[str] = []
-        finished = asyncio.Event()
-
-        async def one(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            done.append(await _both_ways(r, w, SERVER_PHASE, 0, a, why))
-            if len(done) == a.conns:
-                finished.set()
-
-        server = await asyncio.start_server(one, "0.0.0.0", a.port, backlog=a.conns)
-        emit({"listening": a.port})
-        async with server:
-            await asyncio.wait_for(finished.wait(), a.timeout)
-        emit({"conns": len(done), "ok_conns": sum(done), "ok": all(done), "why": why[:4]})
-
-    asyncio.run(run())
-    return 0
-
-
-def mesh_client(a: argparse.Namespace) -> int:
-    why: list[str] = []
-
-    async def one() -> bool:
-        try:
-            r, w = await asyncio.open_connection(a.host, a.port)
-        except OSError as e:
-            why.append(repr(e))
-            return False
-        return await _both_ways(r, w, 0, SERVER_PHASE, a, why)
-
-    async def run() -> list[bool]:
-        return list(await asyncio.gather(*(one() for _ in range(a.conns))))
-
-    done = asyncio.run(run())
-    emit({"conns": len(done), "ok_conns": sum(done), "ok": all(done), "why": why[:4]})
-    return 0
-
-
 # ---- a reader asleep inside tcp_recvmsg_locked when a resume becomes possible -------------
 
 TRAP_A, TRAP_B, TRAP_C = 200 * 1024, 1000, 300 * 1024
@@ -786,12 +658,7 @@ def main(argv: list[str]) -> int:
         c = sub.add_parser(name)
         if name == "mesh-client":
             c.add_argument("host")
-        c.add_argument("port", type=int)
-        c.add_argument("--conns", type=int, default=64)
-        c.add_argument("--size", type=int, default=8 << 20, help="bytes each way per connection")
-        c.add_argument("--burst", type=int, default=64 * 1024)
-        c.add_argument("--pause-ms", type=float, default=1.0)
-        c.add_argument("--timeout", type=float, default=90.0)
+        mesh.add_arguments(c)
     for name in ("trap-server", "trap-client"):
         c = sub.add_parser(name)
         if name == "trap-client":
@@ -814,8 +681,8 @@ def main(argv: list[str]) -> int:
         "chat-client": chat_client,
         "rr-server": rr_server,
         "rr-client": rr_client,
-        "mesh-server": mesh_server,
-        "mesh-client": mesh_client,
+        "mesh-server": mesh.server,
+        "mesh-client": mesh.client,
         "trap-server": trap_server,
         "trap-client": trap_client,
         "repeat-server": repeat_server,
