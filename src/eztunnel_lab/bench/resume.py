@@ -10,9 +10,13 @@ Rows:
   ping-pongs: the share of its bytes spliced, and the ping-pong latency after the bursts
   against before them (and against plain TCP after the same bursts);
 - a reader that never reads: the kernel memory the connection holds (both sockets, skmem
-  r + w + f), plugin vs plain.
+  r + w + f), plugin vs plain;
+- Python bulk: a writer that never pauses (1 MiB sendall) into a plain Python reader
+  (256 KiB recv_into), slower than a redirect but not than TCP: throughput, with a reader
+  that waits in poll (a socket timeout) and with one that blocks in recv.
 
-The bulk-then-chat traffic is this module's own (`python -m eztunnel_lab.bench.resume`).
+The bulk-then-chat and Python bulk traffic is this module's own
+(`python -m eztunnel_lab.bench.resume`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from eztunnel_plugin.bpf.maps import Dataplane
 CHAT_PORT = 14100
 NEVER_PORT = 14200
 IPERF_PORT = 14300
+PYBULK_PORT = 14400
 MB = 1 << 20
 
 
@@ -117,6 +122,12 @@ def _split(dp: Dataplane, before: dict[str, int]) -> tuple[float, int, int]:
     return share, d["backlog_fallbacks"], d["resumes"]
 
 
+def _split_text(dp: Dataplane, before: dict[str, int]) -> str:
+    """_split as a run's note says it: share spliced (fallbacks, resumes)."""
+    s, fb, rs = _split(dp, before)
+    return f"{s:.2f} ({fb} fallbacks, {rs} resumes)"
+
+
 def bulk_then_chat(
     lab: Lab, a: Pod, b: Pod, cgroup: Path, port: int, rounds: int
 ) -> tuple[float, float]:
@@ -137,6 +148,49 @@ def bulk_then_chat(
                            f"{srv.returncode})")  # fmt: skip
     p50s = json.loads(out.decode().splitlines()[-1])["p50_us"]
     return float(p50s[0]), float(p50s[-1])
+
+
+def bulk_reader(port: int, blocking: bool) -> None:
+    """Read to EOF in 256 KiB reads, waiting in poll (a timeout) or asleep in recv
+    (`blocking`); print the rate."""
+    ls = socket.create_server(("0.0.0.0", port))
+    print("listening", flush=True)
+    ls.settimeout(60)
+    conn, _ = ls.accept()
+    conn.settimeout(None if blocking else 60)
+    buf, got, start = bytearray(256 << 10), 0, time.monotonic()
+    while n := conn.recv_into(buf):
+        got += n
+    print(json.dumps({"gbps": got * 8 / (time.monotonic() - start) / 1e9}), flush=True)
+
+
+def bulk_writer(host: str, port: int, seconds: float) -> None:
+    """Write 1 MiB at a time, without a pause, for `seconds`."""
+    s = socket.create_connection((host, port), timeout=60)
+    chunk, end = b"x" * MB, time.monotonic() + seconds
+    while time.monotonic() < end:
+        s.sendall(chunk)
+    s.close()
+
+
+def python_bulk(
+    lab: Lab, a: Pod, b: Pod, cgroup: Path, port: int, seconds: int, blocking: bool
+) -> float:
+    """One Python bulk run: the reader's Gbit/s."""
+    me = [sys.executable, "-m", "eztunnel_lab.bench.resume"]
+    mode = "blocking" if blocking else "poll"
+    srv = lab.spawn(b, [*me, "bulk-reader", str(port), mode], cgroup=cgroup,
+                    stdout=subprocess.PIPE)  # fmt: skip
+    assert srv.stdout is not None
+    if b"listening" not in srv.stdout.readline():
+        raise RuntimeError("bulk reader did not start")
+    cli = lab.spawn(a, [*me, "bulk-writer", b.ip4, str(port), str(seconds)], cgroup=cgroup)
+    cli.wait(timeout=seconds + 60)
+    out, _ = srv.communicate(timeout=60)
+    if cli.returncode or srv.returncode:
+        raise RuntimeError(f"Python bulk failed (writer {cli.returncode}, reader "
+                           f"{srv.returncode})")  # fmt: skip
+    return float(json.loads(out.decode().splitlines()[-1])["gbps"])
 
 
 def _skmem(lab: Lab, pod: Pod, port: int) -> int:
@@ -178,6 +232,10 @@ def bench_resume(rounds: int, seconds: int) -> list[Metric]:
     after = Metric("bulk_then_chat_p50_after_vs_before", "us", "")
     chat_plain = Metric("bulk_then_chat_p50_after_bursts", "us", "")
     memory = Metric("never_reading_reader_memory", "KB", "")
+    py_bulk = {
+        False: Metric("resume_python_bulk_poll_reader", "Gbit/s", ">= 1.0"),
+        True: Metric("resume_python_bulk_blocking_reader", "Gbit/s", ">= 1.0"),
+    }
     long_rounds = max(1, min(rounds, 3))  # 10 s each, both sides
     with Lab() as lab:
         a, b = lab.add_pod(), lab.add_pod()
@@ -198,8 +256,7 @@ def bench_resume(rounds: int, seconds: int) -> list[Metric]:
                         one_flow.failures.append(bulk.error)
                     getattr(one_flow, side).append(bulk.gbps)
                     if side == "plugin":
-                        s, fb, rs = _split(dp, c0)
-                        shares.append(f"{s:.2f} ({fb} fallbacks, {rs} resumes)")
+                        shares.append(_split_text(dp, c0))
                 print(f"  iperf3 10 s round {r + 1}/{long_rounds}: {one_flow.baseline[-1]:.1f}"
                       f" -> {one_flow.plugin[-1]:.1f} Gbit/s, spliced {shares[-1]}",
                       flush=True)  # fmt: skip
@@ -240,6 +297,19 @@ def bench_resume(rounds: int, seconds: int) -> list[Metric]:
             after.note = "spliced: p50 before the first burst (baseline) vs after the last"
             chat_plain.note = "p50 after the last burst: plain TCP vs spliced"
 
+            for blocking, row in py_bulk.items():
+                py_shares = []
+                for r in range(rounds):
+                    port = PYBULK_PORT + 20 * blocking + 2 * r
+                    row.baseline.append(python_bulk(lab, a, b, plain, port, seconds, blocking))
+                    c0 = dp.counters.read()
+                    row.plugin.append(python_bulk(lab, a, b, spliced, port + 1, seconds, blocking))
+                    py_shares.append(_split_text(dp, c0))
+                    print(f"  {row.name} {r + 1}/{rounds}: {row.baseline[-1]:.1f} -> "
+                          f"{row.plugin[-1]:.1f} Gbit/s, spliced {py_shares[-1]}",
+                          flush=True)  # fmt: skip
+                row.note = "share of bytes spliced per run: " + ", ".join(py_shares)
+
             for r in range(max(1, rounds // 2)):
                 port = NEVER_PORT + 2 * r
                 memory.baseline.append(never_reads(lab, a, b, plain, port) / 1024)
@@ -248,7 +318,7 @@ def bench_resume(rounds: int, seconds: int) -> list[Metric]:
                 f"both sockets' skmem r+w+f; the bound is plain + the backlog limit "
                 f"({layout.DEFAULT_BACKLOG_LIMIT // 1024} KB)"
             )
-    return [one_flow, tcp_phase, share, after, chat_plain, memory]
+    return [one_flow, tcp_phase, share, after, chat_plain, memory, *py_bulk.values()]
 
 
 def section(args: argparse.Namespace) -> list[Metric]:
@@ -260,12 +330,17 @@ def main(argv: list[str]) -> int:
     if role == "chat-server":
         port, rounds, burst, pings, msg = (int(x) for x in rest)
         chat_server(port, rounds, burst, pings, msg)
+    elif role == "bulk-reader":
+        bulk_reader(int(rest[0]), rest[1] == "blocking")
+    elif role == "bulk-writer":
+        bulk_writer(rest[0], int(rest[1]), float(rest[2]))
     elif role == "chat-client":
         host, *nums = rest
         port, rounds, burst, pings, msg = (int(x) for x in nums)
         chat_client(host, port, rounds, burst, pings, msg)
     else:
-        print(f"unknown role {role!r}: chat-server | chat-client", file=sys.stderr)
+        print(f"unknown role {role!r}: chat-server | chat-client | bulk-reader | bulk-writer",
+              file=sys.stderr)  # fmt: skip
         return 2
     return 0
 
