@@ -469,15 +469,18 @@ class AmbientNode(Managed):
         out = {"client": self.pods[0].cgroup, "server": self.pods[1].cgroup}
         return out | {"ztunnel": self.ztunnel_cgroup, "agent": self.agent_cgroup}
 
+    def _cgroups(self) -> list[Path]:
+        """Every cgroup of the node: each pod's apps, the stand-in, the agent."""
+        return [p.cgroup for p in self.pods] + [self.ztunnel_cgroup, self.agent_cgroup]
+
     def cpu_usage_s(self) -> float:
         """CPU seconds used so far by the node: the pods' apps, the stand-in, the agent."""
-        groups = [p.cgroup for p in self.pods] + [self.ztunnel_cgroup, self.agent_cgroup]
-        return sum(netlab.cgroup_cpu_us(cg) for cg in groups) / 1e6
+        return sum(netlab.cgroup_cpu_us(cg) for cg in self._cgroups()) / 1e6
 
     def node_pids(self) -> list[int]:
         """Every process of the node (apps, stand-in, agent), for CPU pinning."""
         pids: list[int] = []
-        for cg in [p.cgroup for p in self.pods] + [self.ztunnel_cgroup, self.agent_cgroup]:
+        for cg in self._cgroups():
             procs = cg / "cgroup.procs"
             if procs.exists():
                 pids += [int(x) for x in procs.read_text().split()]

@@ -68,7 +68,11 @@ def one_run(lab: Lab, a: Pod, b: Pod, port: int, shape: Shape, scale: float) -> 
     opts += ["--pause-ms", str(shape.pause_ms), "--timeout", "300"]
     srv = lab.spawn(b, traffic.command("mesh", "server", str(port), *opts), stdout=subprocess.PIPE)
     assert srv.stdout is not None
-    srv.stdout.readline()  # {"listening": port}
+    if b'"listening"' not in srv.stdout.readline():
+        srv.kill()
+        srv.wait(timeout=10)
+        return {side: {"ok": False, "why": ["the mesh server did not start"]}
+                for side in ("client", "server")}  # fmt: skip
     cli = lab.spawn(
         a, traffic.command("mesh", "client", b.ip4, str(port), *opts), stdout=subprocess.PIPE
     )
@@ -96,9 +100,10 @@ def main(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + 60 * args.minutes
     runs = intact = 0
     totals = dict.fromkeys(COUNTED, 0)
+    with_verdict = agent_skb_verdict()
     with Lab() as lab:
         a, b = lab.add_pod(), lab.add_pod()
-        dp = loader.install_or_reuse(lab.bpffs, lab.cgroup, skb_verdict=agent_skb_verdict())
+        dp = loader.install_or_reuse(lab.bpffs, lab.cgroup, skb_verdict=with_verdict)
         try:
             for pod in (a, b):
                 dp.endpoints.put(pod.ip4, layout.EP_ENROLLED)
@@ -119,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
                       flush=True)  # fmt: skip
         finally:
             dp.close()
-    verdict = "with the SK_SKB verdict" if agent_skb_verdict() else "sk_msg only"
+    verdict = "with the SK_SKB verdict" if with_verdict else "sk_msg only"
     print(json.dumps({"runs": runs, "intact": intact, "data_plane": verdict, **totals}))
     print(f"soak: {intact} of {runs} runs intact ({verdict})", flush=True)
     return 0 if intact == runs else 1

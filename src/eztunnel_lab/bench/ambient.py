@@ -137,11 +137,14 @@ def bench_ambient(rounds: int, seconds: int, standin: str = "hbone") -> list[Met
                 f"{_last(m['tput'])} Gbit/s, 1 MB FCT {_last(mb)} us",
                 flush=True,
             )
-        for key, row in (("tput", "tput"), ("fct", f"fct{1 << 20}")):
-            m[row].note = f"CPU during the {'one flow' if key == 'tput' else 'short flows'}: "
-            m[row].note += "; ".join(
+        for key, row, what in (
+            ("tput", "tput", "one flow"),
+            ("fct", f"fct{1 << 20}", "short flows"),
+        ):
+            split = (
                 f"{s.name}: {Busy.median(s.busy[key]).text()}" for s in sides if s.busy.get(key)
             )
+            m[row].note = f"CPU during the {what}: " + "; ".join(split)
         rss.plugin.append(agent_rss_mb(plug))
         maps.plugin.append(bpf_map_memory_mb(plug))
         spliced.plugin.append(spliced_percent(sides[1]))
