@@ -796,7 +796,8 @@ static __always_inline __u32 redirect_room(struct ez_sock_info *info, __u32 limi
  * D is read before Q; x86's total store order keeps that order, which BPF cannot ask
  * for elsewhere, so other architectures keep the fallback for good.
  *
- * Into a P with a verdict program (the SK_SKB workaround) only as resumable_rx() says.
+ * Into a P with a verdict program (the SK_SKB workaround) only as resumable_rx() says,
+ * and on D alone: its readers never read the TCP queue.
  */
 /* Resolved from kallsyms by libbpf; 0 when the kernel hides addresses (then any wait
  * queue entry that names a task or poll table counts as a sleeping reader). */
@@ -887,11 +888,16 @@ static __always_inline int may_resume(struct bpf_sock *sk, struct ez_sock_info *
 	if (!resumable_rx(psock))
 		return EZ_R_NEVER;
 	/* With a verdict program both kinds of bytes share the redirect queue, so B cannot
-	 * tell a bypass; D there also waits for that queue and the verdict's backlog to empty. */
-	if (verdict_rx(psock) &&
-	    (BPF_CORE_READ(psock, msg_tot_len) || BPF_CORE_READ(psock, ingress_skb.qlen))) {
-		count(EZ_CNT_RESUME_WAIT_DRAIN, 1);
-		return EZ_R_WAIT;
+	 * tell a bypass; D there also waits for that queue and the verdict's backlog to empty.
+	 * Q is not needed there: such a P's recvmsg (tcp_bpf_recvmsg_parser) reads the
+	 * redirect queue only, never the TCP queue, so a reader asleep in it takes the next
+	 * redirected byte behind every TCP byte it already consumed (D). */
+	if (verdict_rx(psock)) {
+		if (BPF_CORE_READ(psock, msg_tot_len) || BPF_CORE_READ(psock, ingress_skb.qlen)) {
+			count(EZ_CNT_RESUME_WAIT_DRAIN, 1);
+			return EZ_R_WAIT;
+		}
+		return EZ_R_YES;
 	}
 	/* B */
 	if (BPF_CORE_READ(psock, msg_tot_len))

@@ -268,6 +268,20 @@ def test_without_quiet_the_same_reader_sees_bytes_reordered(lab: Lab, tmp_path: 
     assert not got["ok"] and int(got["first_bad"]) >= 0, got
 
 
+def test_with_the_verdict_a_reader_asleep_does_not_hold_resumes(lab: Lab) -> None:
+    # With the SK_SKB verdict a reader asleep in recvmsg waits on the redirect queue only
+    # (tcp_bpf_recvmsg_parser never reads the TCP queue), so Q is not asked: the trap
+    # that reorders the stream without Q on the sk_msg-only path resumes here, in order.
+    plane = loader.install_or_reuse(lab.bpffs, lab.cgroup, skb_verdict=True)
+    try:
+        got, delta = trap(lab, plane)
+    finally:
+        plane.close()
+    assert got["ok"], got
+    assert delta["backlog_fallbacks"] >= 1 and delta["resumes"] >= 1, delta
+    assert delta["resume_wait_quiet"] == 0 and delta["tainted"] == 0, delta
+
+
 # ---- kinds of readers and writers -----------------------------------------------------------
 
 
@@ -286,15 +300,7 @@ def test_without_quiet_the_same_reader_sees_bytes_reordered(lab: Lab, tmp_path: 
 def test_every_kind_of_reader_reads_in_order(
     lab: Lab, dp: Dataplane, mode: str, extra_server: list[str], extra_client: list[str]
 ) -> None:
-    total = 48 * MB
-    a, b = pods(lab, dp, 256 * KB)
-    server = ["--expect", str(total), "--mode", mode, "--stall-every", str(4 * MB),
-              "--stall-ms", "30", *extra_server]  # fmt: skip
-    client = ["--total", str(total), "--burst", str(2 * MB), "--pause-ms", "20", *extra_client]
-    got, _, _, delta = stream(lab, dp, a, b, server, client)
-    assert got["ok"], got
-    assert delta["backlog_fallbacks"] > 0, delta
-    assert delta["bytes_redirected"] + delta["bytes_tcp_paired"] == total, delta
+    got, delta = _reader_kind(lab, dp, mode, extra_server, extra_client)
     if mode == "waitall":
         # Read from the redirect queue, MSG_WAITALL returns what is queued: short reads.
         assert int(got["short_waitall"]) > 0, got
@@ -303,6 +309,45 @@ def test_every_kind_of_reader_reads_in_order(
         # (MSG_WAITALL, SO_RCVLOWAT, a blocking read) holds resumes back (Q): whether it
         # resumes depends on where it is at each message (docs/dataplane.md).
         assert delta["resumes"] > 0, delta
+
+
+@pytest.mark.parametrize(
+    ("mode", "extra_server"),
+    [
+        ("waitall", ["--rsize", str(100_000)]),
+        ("rcvlowat", ["--lowat", str(64 * KB)]),
+        ("block", []),
+    ],
+    ids=["MSG_WAITALL", "SO_RCVLOWAT", "blocking"],
+)
+def test_with_the_verdict_readers_asleep_in_recvmsg_resume_in_order(
+    lab: Lab, mode: str, extra_server: list[str]
+) -> None:
+    # The readers that hold resumes back on the sk_msg-only path (Q) resume with the
+    # SK_SKB verdict, whose receive path reads the redirect queue only.
+    plane = loader.install_or_reuse(lab.bpffs, lab.cgroup, skb_verdict=True)
+    try:
+        _, delta = _reader_kind(lab, plane, mode, extra_server, [])
+    finally:
+        plane.close()
+    assert delta["resumes"] > 0 and delta["resume_wait_quiet"] == 0, delta
+
+
+def _reader_kind(
+    lab: Lab, plane: Dataplane, mode: str, extra_server: list[str], extra_client: list[str]
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """48 MiB in 2 MiB bursts to a reader of this kind that stalls now and then, through a
+    256 KiB limit: intact, and every byte counted; what the reader said, counters' change."""
+    total = 48 * MB
+    a, b = pods(lab, plane, 256 * KB)
+    server = ["--expect", str(total), "--mode", mode, "--stall-every", str(4 * MB),
+              "--stall-ms", "30", *extra_server]  # fmt: skip
+    client = ["--total", str(total), "--burst", str(2 * MB), "--pause-ms", "20", *extra_client]
+    got, _, _, delta = stream(lab, plane, a, b, server, client)
+    assert got["ok"], got
+    assert delta["backlog_fallbacks"] > 0, delta
+    assert delta["bytes_redirected"] + delta["bytes_tcp_paired"] == total, delta
+    return got, delta
 
 
 def test_rcvlowat_and_waitall_are_honoured_on_the_tcp_path_only(lab: Lab, dp: Dataplane) -> None:
