@@ -303,8 +303,7 @@ def _threads_ns(groups: dict[str, Path]) -> dict[tuple[str, int], tuple[str, int
     """(part, tid) -> (thread name, ns on CPU so far) for every live thread of every part."""
     out: dict[tuple[str, int], tuple[str, int]] = {}
     for part, cg in groups.items():
-        procs = cg / "cgroup.procs"
-        for pid in procs.read_text().split() if procs.exists() else ():
+        for pid in netlab.cgroup_pids(cg):
             for task in Path(f"/proc/{pid}/task").glob("*"):
                 try:
                     ns = int((task / "schedstat").read_text().split()[0])
@@ -320,18 +319,14 @@ def busy(node: AmbientNode, run: Callable[[], T]) -> tuple[T, Busy]:
     that ended count), the busiest thread among those alive at the end (schedstat).
     Softirq work counts for the task it interrupted; ksoftirqd is outside the node."""
     groups = node.parts()
-    t0, c0, start = _threads_ns(groups), _cgroups_us(groups), time.monotonic()
+    t0, c0, start = _threads_ns(groups), netlab.cgroups_cpu_us(groups), time.monotonic()
     result = run()
-    t1, c1, wall = _threads_ns(groups), _cgroups_us(groups), time.monotonic() - start
+    t1, c1, wall = _threads_ns(groups), netlab.cgroups_cpu_us(groups), time.monotonic() - start
     parts = {part: 100 * (c1[part] - c0[part]) / 1e6 / wall for part in groups}
     used = {key: ns - t0.get(key, (name, 0))[1] for key, (name, ns) in t1.items()}
     top = max(used, key=lambda k: used[k], default=None)
     busiest = (f"{top[0]}/{t1[top][0]}", 100 * used[top] / 1e9 / wall) if top else ("-", 0.0)
     return result, Busy(parts, busiest)
-
-
-def _cgroups_us(groups: dict[str, Path]) -> dict[str, int]:
-    return {part: netlab.cgroup_cpu_us(cg) for part, cg in groups.items()}
 
 
 def agent_skb_verdict() -> bool:

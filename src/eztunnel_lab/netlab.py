@@ -239,6 +239,17 @@ def cgroup_cpu_us(cgroup: Path) -> int:
     return 0
 
 
+def cgroups_cpu_us(groups: dict[str, Path]) -> dict[str, int]:
+    """cgroup_cpu_us of each named cgroup."""
+    return {name: cgroup_cpu_us(cg) for name, cg in groups.items()}
+
+
+def cgroup_pids(cgroup: Path) -> list[int]:
+    """The processes in the cgroup now (none when it does not exist)."""
+    procs = cgroup / "cgroup.procs"
+    return [int(x) for x in procs.read_text().split()] if procs.exists() else []
+
+
 def rmdir_cgroup(path: Path) -> None:
     """Remove an empty cgroup, waiting (bounded) for exiting tasks to leave it."""
     # rmdir fails while exiting tasks linger for a moment

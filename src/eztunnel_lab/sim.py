@@ -464,27 +464,18 @@ class AmbientNode(Managed):
         return "\n".join(f"--- {n}.log\n{self.log_tail(n)}" for n in names)
 
     def parts(self) -> dict[str, Path]:
-        """The cgroup of each part of the node: the client's and the server's apps, the
-        stand-in, the agent."""
-        out = {"client": self.pods[0].cgroup, "server": self.pods[1].cgroup}
+        """The cgroup of each part of the node: each pod's apps (by pod name: client,
+        server), the stand-in, the agent."""
+        out = {p.name: p.cgroup for p in self.pods}
         return out | {"ztunnel": self.ztunnel_cgroup, "agent": self.agent_cgroup}
-
-    def _cgroups(self) -> list[Path]:
-        """Every cgroup of the node: each pod's apps, the stand-in, the agent."""
-        return [p.cgroup for p in self.pods] + [self.ztunnel_cgroup, self.agent_cgroup]
 
     def cpu_usage_s(self) -> float:
         """CPU seconds used so far by the node: the pods' apps, the stand-in, the agent."""
-        return sum(netlab.cgroup_cpu_us(cg) for cg in self._cgroups()) / 1e6
+        return sum(netlab.cgroups_cpu_us(self.parts()).values()) / 1e6
 
     def node_pids(self) -> list[int]:
         """Every process of the node (apps, stand-in, agent), for CPU pinning."""
-        pids: list[int] = []
-        for cg in self._cgroups():
-            procs = cg / "cgroup.procs"
-            if procs.exists():
-                pids += [int(x) for x in procs.read_text().split()]
-        return pids
+        return [pid for cg in self.parts().values() for pid in netlab.cgroup_pids(cg)]
 
 
 def check_path(

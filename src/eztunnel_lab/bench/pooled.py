@@ -144,10 +144,6 @@ class Churn:
     bpf: churn_mod.BpfCost | None = None  # with bpf_stats: BPF run time per connection
 
 
-def _cpu_parts(node: AmbientNode) -> dict[str, int]:
-    return {k: netlab.cgroup_cpu_us(v) for k, v in node.parts().items()}
-
-
 @contextlib.contextmanager
 def unenrolled(node: AmbientNode) -> Iterator[None]:
     """Every endpoint out of the agent's map for the block, then back as it was: sock_ops
@@ -171,7 +167,7 @@ def churn(side: Side, seconds: float, concurrency: int = 16, bpf_stats: bool = F
     settle()
     for pod in node.pods:  # both nodes start alike, whatever ran before (flush_time_wait)
         churn_mod.flush_time_wait(node.lab, pod.netns)
-    before, c0, cpu0 = node.standin_stats(), node.counters(), _cpu_parts(node)
+    before, c0, cpu0 = node.standin_stats(), node.counters(), netlab.cgroups_cpu_us(node.parts())
     with churn_mod.bpf_stats() if bpf_stats else contextlib.nullcontext():
         r0 = churn_mod.prog_runs(node.lab.bpffs) if bpf_stats else {}
         result = _conns_client(
@@ -184,7 +180,7 @@ def churn(side: Side, seconds: float, concurrency: int = 16, bpf_stats: bool = F
     if not result.get("ok"):
         raise SimError(f"churn client: {result}")
     conns = int(result["conns"])  # type: ignore[call-overload]
-    cpu = {k: (v - cpu0[k]) / max(1, conns) for k, v in _cpu_parts(node).items()}
+    cpu = {k: (v - cpu0[k]) / max(1, conns) for k, v in netlab.cgroups_cpu_us(node.parts()).items()}
     # Proven on every hop; not added to side.connections (no splice counts are taken here).
     check_path(before, node.standin_stats(), side.client, side.server, conns)
     moved = counters.delta(c0, node.counters())
